@@ -1,0 +1,373 @@
+"""The recipe schema: one typed model per section, loaded in layers (defaults → recipe YAML → overrides).
+
+A recipe is pure data. `load_recipe` validates all of it at once and raises a `RecipeError` listing every
+problem with its dotted path and offending value, so a user fixes a recipe in one pass, before any compute.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adaptflow.errors import RecipeError
+
+DATA_ROOT_ENV = "ADAPTFLOW_DATA_ROOT"
+DEFAULT_DATA_ROOT = "../shared/data"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Probability = Annotated[float, Field(gt=0, lt=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelConfig(Section):
+    """A small model built from config (tests, smoke runs), with a tokenizer trained locally."""
+
+    architecture: Literal["bert", "gpt2", "llama"] = "bert"
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 128
+    max_position_embeddings: PositiveInt = 512
+    vocab_size: Annotated[int, Field(ge=100)] = 2000
+    tokenizer_corpus: str = "domain"
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    """The base model: exactly one of a packaged short `name`, a local `path`, or a `tiny` config."""
+
+    name: Literal["minilm"] | None = None
+    path: str | None = None
+    tiny: TinyModelConfig | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelConfig:
+        given = [k for k in ("name", "path", "tiny") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"set exactly one of model.name (e.g. 'minilm'), model.path or model.tiny; got {given or 'none'}"
+            )
+        return self
+
+
+class CorpusConfig(Section):
+    """A text corpus. `path` is an `s3://` URI, an absolute path, or relative to the data root."""
+
+    path: str
+    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = "auto"
+    text_field: str = "text"
+    max_documents: PositiveInt | None = None
+    validation_fraction: Fraction = 0.05
+
+
+class ReplayConfig(Section):
+    """Mix general text into pretraining against forgetting: `ratio` of the training blocks come from it."""
+
+    corpus: str
+    ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+
+class PretrainConfig(Section):
+    """Continued domain pretraining (DAPT/TAPT): masked LM for encoders, causal LM for decoders."""
+
+    enabled: bool = True
+    corpus: str = "domain"
+    objective: Literal["auto", "mlm", "clm"] = "auto"
+    mlm_probability: Probability = 0.15
+    whole_word_masking: bool = False
+    block_size: Annotated[int, Field(ge=8)] = 128
+    batch_size: PositiveInt = 16
+    grad_accum_steps: PositiveInt = 1
+    max_steps: PositiveInt = 200
+    lr: PositiveFloat = 1e-4
+    head_lr: PositiveFloat | None = None
+    head_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.06
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: PositiveFloat | None = 1.0
+    bf16: bool = False
+    log_every: PositiveInt = 10
+    eval_every: Annotated[int, Field(ge=0)] = 50
+    eval_max_blocks: PositiveInt = 64
+    save_every: Annotated[int, Field(ge=0)] = 0
+    replay: ReplayConfig | None = None
+
+    @model_validator(mode="after")
+    def _head_warmup_fits(self) -> PretrainConfig:
+        if self.head_warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"head_warmup_steps ({self.head_warmup_steps}) must be < max_steps ({self.max_steps}), "
+                "or the encoder never trains"
+            )
+        return self
+
+
+class StagesConfig(Section):
+    pretrain: PretrainConfig | None = None
+
+
+class EvaluationConfig(Section):
+    """Perplexity of the base model and the build's model on the validation split of each named corpus."""
+
+    enabled: bool = True
+    corpora: list[str] = Field(default_factory=lambda: ["domain"])
+    block_size: Annotated[int, Field(ge=8)] = 128
+    max_blocks: PositiveInt = 64
+    batch_size: PositiveInt = 16
+
+
+class TrackingConfig(Section):
+    """MLflow. Default: SQLite + a local artifact folder under the recipe's workdir."""
+
+    uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str | None = None
+
+
+class Recipe(Section):
+    domain: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+    description: str = ""
+    seed: int = 0
+    data_root: str | None = None
+    workdir: str = "adaptflow-runs"
+    model: ModelConfig
+    corpora: dict[str, CorpusConfig] = Field(default_factory=dict)
+    stages: StagesConfig = StagesConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"adaptflow-{self.domain}"
+
+    def digest(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def enabled_stages(self) -> list[str]:
+        return [
+            name
+            for name in StagesConfig.model_fields
+            if (stage := getattr(self.stages, name)) is not None and stage.enabled
+        ]
+
+    def used_corpora(self) -> list[str]:
+        """Names of the corpora that the enabled stages, the evaluation or the tokenizer read, in recipe order."""
+        used = set()
+        if self.model.tiny is not None:
+            used.add(self.model.tiny.tokenizer_corpus)
+        pretrain = self.stages.pretrain
+        if pretrain is not None and pretrain.enabled:
+            used.add(pretrain.corpus)
+            if pretrain.replay is not None:
+                used.add(pretrain.replay.corpus)
+        if self.evaluation.enabled:
+            used.update(self.evaluation.corpora)
+        return [name for name in self.corpora if name in used]
+
+    def capped(self, *, max_steps: int | None = None, max_examples: int | None = None) -> Recipe:
+        """A copy whose every stage runs at most `max_steps` and every corpus reads at most `max_examples`."""
+        data = self.model_dump()
+        if max_steps is not None:
+            for stage in data["stages"].values():
+                if stage and "max_steps" in stage:
+                    stage["max_steps"] = min(stage["max_steps"], max_steps)
+                    stage["head_warmup_steps"] = min(stage.get("head_warmup_steps", 0), stage["max_steps"] // 2)
+        if max_examples is not None:
+            for corpus in data["corpora"].values():
+                corpus["max_documents"] = min(corpus["max_documents"] or max_examples, max_examples)
+        return Recipe.model_validate(data)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, resolve and validate a recipe; raise `RecipeError` listing every problem at once."""
+    path = Path(path)
+    source = path.name
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(str(path), [f"file not found: {path} (recipes live in domains/, e.g. domains/tiny.yaml)"]) from None
+    except yaml.YAMLError as err:
+        raise RecipeError(source, [f"not valid YAML: {err}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(source, [f"the top level must be a mapping of keys, got {type(raw).__name__}"])
+
+    problems: list[str] = []
+    overridden: set[str] = set()
+    for item in overrides:
+        problem = apply_override(raw, item)
+        if problem:
+            problems.append(problem)
+        else:
+            overridden.add(item.split("=", 1)[0].strip())
+
+    _resolve_paths(raw, recipe_dir=path.resolve().parent)
+    problems += _cross_reference_problems(raw)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems += [_describe(e, overridden) for e in err.errors()]
+        recipe = None
+    if problems:
+        raise RecipeError(source, _dedupe(problems))
+    return recipe
+
+
+def apply_override(raw: dict, item: str) -> str | None:
+    """Apply one `a.b.c=value` override in place (value parsed as YAML); return a problem or None."""
+    if "=" not in item:
+        return f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.pretrain.lr=5e-5"
+    key, text = (part.strip() for part in item.split("=", 1))
+    parts = key.split(".")
+    if not all(parts):
+        return f"--set {item!r}: empty key segment in {key!r}"
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            return f"--set {item!r}: {where} is a {type(child).__name__}, not a section"
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text else None
+    return None
+
+
+def resolve_data_root(raw_root: str | None, recipe_dir: Path) -> Path:
+    """Where relative corpus paths point.
+
+    The recipe's `data_root` (relative to the recipe file), else $ADAPTFLOW_DATA_ROOT, else `../shared/data`
+    seen from the working directory or, failing that, from the project whose `domains/` holds the recipe.
+    """
+    if raw_root:
+        return (recipe_dir / os.path.expanduser(raw_root)).resolve()
+    if os.environ.get(DATA_ROOT_ENV):
+        return Path(os.environ[DATA_ROOT_ENV]).expanduser().resolve()
+    candidates = [Path.cwd() / DEFAULT_DATA_ROOT, recipe_dir.parent / DEFAULT_DATA_ROOT]
+    return next((c.resolve() for c in candidates if c.is_dir()), candidates[0].resolve())
+
+
+def _resolve_paths(raw: dict, recipe_dir: Path) -> None:
+    """Turn relative corpus paths into absolute ones so that stages never depend on the working directory."""
+    corpora = raw.get("corpora")
+    if not isinstance(corpora, dict):
+        return
+    root = resolve_data_root(raw.get("data_root"), recipe_dir)
+    for corpus in corpora.values():
+        if isinstance(corpus, dict) and isinstance(corpus.get("path"), str):
+            p = corpus["path"]
+            if not (p.startswith("s3://") or os.path.isabs(os.path.expanduser(p))):
+                corpus["path"] = str(root / p)
+            else:
+                corpus["path"] = os.path.expanduser(p)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        model["path"] = str((recipe_dir / os.path.expanduser(model["path"])).resolve())
+
+
+def _cross_reference_problems(raw: dict) -> list[str]:
+    """Names that must refer to a declared corpus. Checked on the raw data so they join the schema's errors."""
+    corpora = raw.get("corpora") if isinstance(raw.get("corpora"), dict) else {}
+    known = ", ".join(sorted(corpora)) or "none declared"
+    refs: list[tuple[str, Any]] = []
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("tiny"), dict):
+        refs.append(("model.tiny.tokenizer_corpus", model["tiny"].get("tokenizer_corpus", "domain")))
+    stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+    pretrain = stages.get("pretrain")
+    if isinstance(pretrain, dict) and pretrain.get("enabled", True):
+        refs.append(("stages.pretrain.corpus", pretrain.get("corpus", "domain")))
+        if isinstance(pretrain.get("replay"), dict):
+            refs.append(("stages.pretrain.replay.corpus", pretrain["replay"].get("corpus")))
+    evaluation = raw.get("evaluation") if isinstance(raw.get("evaluation"), dict) else {}
+    names = evaluation.get("corpora", ["domain"])
+    if isinstance(names, list) and evaluation.get("enabled", True):
+        refs += [(f"evaluation.corpora[{i}]", name) for i, name in enumerate(names)]
+    return [
+        f"{where}: {name!r} is not a declared corpus (declared: {known}); add it under corpora: or fix the name"
+        for where, name in refs
+        if isinstance(name, str) and name not in corpora
+    ]
+
+
+def _describe(error: dict, overridden: set[str]) -> str:
+    where = _dotted(error["loc"])
+    origin = " (from --set)" if any(k == where or k.startswith(f"{where}.") for k in overridden) else ""
+    if error["type"] == "extra_forbidden":
+        parent = _section_at(error["loc"][:-1])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(str(error["loc"][-1]), list(parent.model_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(parent.model_fields)}"
+        return f"{where}: unknown key{origin}{hint}"
+    if error["type"] == "missing":
+        return f"{where}: required but missing"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where or '(top level)'}: {message} (got {shown}){origin}"
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that owns the keys at `loc`, for did-you-mean hints."""
+    model: type[BaseModel] | None = Recipe
+    parts = list(loc)
+    while parts and model is not None:
+        part = parts.pop(0)
+        if model is Recipe and part == "corpora":
+            if not parts:
+                return None  # corpus names are the user's own
+            parts.pop(0)
+            model = CorpusConfig
+            continue
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = _unwrap_model(field.annotation) if field else None
+    return model
+
+
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

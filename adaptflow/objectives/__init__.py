@@ -1,0 +1,34 @@
+"""Training objectives. Each one is a batch collator plus a loss, plugged into the one training loop.
+
+An objective's `collate(blocks, generator)` turns a [batch, block] tensor of token ids into a batch dict
+(with `n_targets`, the number of predicted tokens, as a plain int); `loss(model, batch)` returns the *sum*
+of token losses, so the loop can normalise by the tokens of a whole accumulation window.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from adaptflow.objectives.clm import CausalLM
+from adaptflow.objectives.mlm import MaskedLM
+
+
+class Objective(Protocol):
+    name: str
+
+    def collate(self, blocks: torch.Tensor, generator: torch.Generator) -> dict: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor: ...
+
+
+def build_objective(name: str, tokenizer, *, mlm_probability: float = 0.15, whole_word_masking: bool = False) -> Objective:
+    if name == "mlm":
+        return MaskedLM(tokenizer, probability=mlm_probability, whole_word=whole_word_masking)
+    if name == "clm":
+        return CausalLM()
+    raise ValueError(f"unknown objective {name!r}; expected 'mlm' or 'clm'")
+
+
+__all__ = ["CausalLM", "MaskedLM", "Objective", "build_objective"]

@@ -1,0 +1,33 @@
+"""Checks of a valid recipe against the world (files exist, the model is a checkpoint), before any compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaptflow.config import Recipe
+from adaptflow.errors import DataError
+from adaptflow.storage import exists
+
+
+def preflight_problems(recipe: Recipe) -> list[str]:
+    """Every problem found with the recipe's inputs; empty when the build can start."""
+    problems = []
+    for name in recipe.used_corpora():
+        uri = recipe.corpora[name].path
+        try:
+            if not exists(uri):
+                problems.append(
+                    f"corpora.{name}.path: not found: {uri} (relative paths resolve against the data root: "
+                    "the recipe's data_root, else $ADAPTFLOW_DATA_ROOT, else ../shared/data)"
+                )
+        except DataError as err:
+            problems.append(f"corpora.{name}.path: {err}")
+    if recipe.model.path is not None:
+        path = Path(recipe.model.path)
+        if not path.is_dir():
+            problems.append(f"model.path: no such directory: {path}")
+        elif not (path / "config.json").is_file():
+            problems.append(f"model.path: {path} has no config.json; it must be a save_pretrained directory")
+        elif not any(path.glob("*.safetensors")):
+            problems.append(f"model.path: {path} holds no *.safetensors weights (.bin files are never unpickled)")
+    return problems

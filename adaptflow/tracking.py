@@ -1,0 +1,158 @@
+"""MLflow tracking through an explicit `MlflowClient` and run ids (no global active-run state).
+
+Default store: SQLite plus a local artifact folder under the recipe's workdir. Precedence of the tracking URI:
+`--tracking-uri` > `MLFLOW_TRACKING_URI` > the recipe's `tracking.uri` > the default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adaptflow.config import TrackingConfig
+from adaptflow.refs import DatasetRef
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+MAX_PARAM_CHARS = 6000
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    uri: str
+    artifact_location: str | None
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+
+def resolve_tracking(config: TrackingConfig, workdir: str | Path, override: str | None = None) -> TrackingTarget:
+    workdir = Path(workdir).resolve()
+    uri = override or os.environ.get("MLFLOW_TRACKING_URI") or config.uri
+    if uri is None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return TrackingTarget(uri=f"sqlite:///{workdir / 'mlflow.db'}", artifact_location=str(workdir / "mlartifacts"))
+    return TrackingTarget(uri=uri, artifact_location=config.artifact_location)
+
+
+def redact(text: str) -> str:
+    """Drop credentials embedded in URIs (scheme://user:password@host)."""
+    return _USERINFO.sub("***@", text)
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = f"{artifact_location.rstrip('/')}/{name}" if artifact_location else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(client, experiment_id: str, name: str, *, tags: dict[str, Any], parent_run_id: str | None = None) -> str:
+    tags = {k: str(v) for k, v in tags.items() if v is not None}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+
+def end_run(client, run_id: str, *, failed: bool = False) -> None:
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config → MLflow params `a.b.c = value` (values redacted and truncated to MLflow's limit)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            out[name] = redact(text)[:MAX_PARAM_CHARS]
+    return out
+
+
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's per-batch parameter limit
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def metrics_logger(client, run_id: str, prefix: str = ""):
+    """A `MetricsSink` for the training loop: one batched write per call."""
+    from mlflow.entities import Metric
+
+    def log_metrics(step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items()])
+
+    return log_metrics
+
+
+def log_dataset(client, run_id: str, ref: DatasetRef, *, context: str, source_uri: str | None = None) -> None:
+    """Record a dataset input (its real path/URI as source, content digest, row count) on a run."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways": a local path is local
+        source = resolve_dataset_source(ref.uri)
+    profile = {"num_rows": ref.rows}
+    if source_uri:
+        profile["prepared_from"] = redact(source_uri)
+    dataset = Dataset(
+        name=ref.name or Path(ref.uri).stem,
+        digest=ref.digest,
+        source_type=source._get_source_type(),
+        source=source.to_json(),
+        profile=json.dumps(profile),
+    )
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def log_directory(client, run_id: str, local_dir: str | Path, artifact_path: str) -> str:
+    """Upload a directory as run artifacts; return its artifact URI."""
+    client.log_artifacts(run_id, str(local_dir), artifact_path=artifact_path)
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+
+def build_summary(client, build_run_id: str) -> dict:
+    """What a build did, read back from MLflow: `{build_run_id, domain, status, metrics, stages: {...}}`."""
+    parent = client.get_run(build_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{build_run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    stages = {
+        run.info.run_name: {
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "metrics": dict(run.data.metrics),
+            "checkpoint_uri": run.data.tags.get("adaptflow.checkpoint.uri"),
+            "artifact_uri": run.data.tags.get("adaptflow.checkpoint.artifact_uri"),
+        }
+        for run in children
+    }
+    return {
+        "build_run_id": build_run_id,
+        "experiment_id": parent.info.experiment_id,
+        "domain": parent.data.tags.get("adaptflow.domain"),
+        "status": parent.info.status,
+        "metrics": dict(parent.data.metrics),
+        "stages": stages,
+    }

@@ -1,0 +1,1 @@
+"""Prefect flows (`build`) and the `adaptflow` command line."""

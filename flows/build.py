@@ -1,0 +1,43 @@
+"""The build flow: one recipe's stages, in order, each a task passing references.
+
+    adaptflow build domains/biomedical.yaml          # the CLI runs this flow
+    python -m flows.build domains/tiny.yaml          # or directly
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+
+from adaptflow.config import load_recipe
+from adaptflow.tracking import build_summary
+from tasks.build_run import build_run
+from tasks.evaluate import evaluate
+from tasks.prepare import prepare_data, prepare_model
+from tasks.pretrain import pretrain
+
+
+@flow(name="build", flow_run_name="build-{recipe_path}", validate_parameters=False)
+def build(
+    recipe_path: str,
+    overrides: list[str] | None = None,
+    tracking_uri: str | None = None,
+    max_steps: int | None = None,
+    max_examples: int | None = None,
+    trigger: str = "manual",
+    progress: bool = False,
+) -> dict:
+    """Build one domain model from a recipe; return the build summary read back from MLflow."""
+    recipe = load_recipe(recipe_path, overrides or []).capped(max_steps=max_steps, max_examples=max_examples)
+    with build_run(recipe, tracking_uri=tracking_uri, trigger=trigger, progress=progress) as ctx:
+        data = prepare_data(ctx)
+        base = prepare_model(ctx, data)
+        model = pretrain(ctx, base, data) if "pretrain" in recipe.enabled_stages() else base
+        if recipe.evaluation.enabled:
+            evaluate(ctx, base, model, data)
+    return build_summary(ctx.tracking.client(), ctx.build_run_id)
+
+
+if __name__ == "__main__":
+    print(build(sys.argv[1]))

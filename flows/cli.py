@@ -1,0 +1,126 @@
+"""The `adaptflow` command line.
+
+    adaptflow validate domains/biomedical.yaml [--set stages.pretrain.lr=5e-5]
+    adaptflow build domains/biomedical.yaml [--set k=v ...] [--tracking-uri URI] [--summary-json PATH]
+                                            [--max-steps N] [--max-examples N]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adaptflow.config import Recipe, load_recipe
+from adaptflow.errors import AdaptflowError, RecipeError
+
+app = typer.Typer(help="Build domain-specialised language models as tracked, multi-stage workflows.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console(stderr=True)
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: a.b.c=value")]
+
+
+@app.command()
+def validate(recipe: Path, overrides: SetOption = None) -> None:
+    """Check a recipe and its inputs; list every problem and exit non-zero if there is any."""
+    loaded = _load_or_exit(recipe, overrides or [])
+    stages = ", ".join(loaded.enabled_stages()) or "none"
+    console.print(f"[green]ok[/green] {recipe}: domain {loaded.domain}; stages: {stages}; "
+                  f"corpora: {', '.join(loaded.used_corpora())}")
+
+
+@app.command()
+def build(
+    recipe: Path,
+    overrides: SetOption = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: SQLite in workdir)")] = None,
+    summary_json: Annotated[Path | None, typer.Option(help="Write the build summary here as JSON")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Cap every stage's optimizer steps")] = None,
+    max_examples: Annotated[int | None, typer.Option(min=1, help="Cap every dataset's size")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a training progress bar")] = True,
+) -> None:
+    """Run a recipe's build flow (Prefect) with MLflow tracking; print the summary."""
+    loaded = _load_or_exit(recipe, overrides or [])
+    loaded.capped(max_steps=max_steps, max_examples=max_examples)  # caps must leave a valid recipe, too
+    _configure_prefect()
+    from flows.build import build as build_flow
+
+    try:
+        summary = build_flow(
+            str(recipe),
+            overrides=list(overrides or []),
+            tracking_uri=tracking_uri,
+            max_steps=max_steps,
+            max_examples=max_examples,
+            progress=progress,
+        )
+    except AdaptflowError as err:
+        typer.echo(f"build failed: {err}", err=True)
+        raise typer.Exit(1) from None
+    _print_summary(summary)
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2))
+        console.print(f"summary written to {summary_json}")
+
+
+def main() -> None:
+    app()
+
+
+def _load_or_exit(path: Path, overrides: list[str]) -> Recipe:
+    from adaptflow.preflight import preflight_problems
+
+    try:
+        recipe = load_recipe(path, overrides)
+    except RecipeError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    problems = preflight_problems(recipe)
+    if problems:
+        typer.echo(str(RecipeError(path.name, problems)), err=True)
+        raise typer.Exit(2)
+    return recipe
+
+
+def _configure_prefect() -> None:
+    """Defaults that make Prefect's local ephemeral API work out of the box here; the user's env wins."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")
+    logging.getLogger("adaptflow").setLevel(logging.INFO)
+
+
+def _print_summary(summary: dict) -> None:
+    out = Console()
+    table = Table(title=f"build {summary['build_run_id']} ({summary['domain']}): {summary['status']}")
+    for column in ("stage", "run id", "status", "checkpoint"):
+        table.add_column(column)
+    for name, stage in summary["stages"].items():
+        table.add_row(name, stage["run_id"], stage["status"], stage.get("checkpoint_uri") or "")
+    out.print(table)
+    metrics = summary["metrics"]
+    corpora = sorted({k.rsplit("_perplexity_", 1)[0] for k in metrics if "_perplexity_" in k})
+    if corpora:
+        ppl = Table(title="perplexity (held-out, fixed masks)")
+        for column in ("corpus", "before", "after", "change"):
+            ppl.add_column(column, justify="right")
+        for name in corpora:
+            ppl.add_row(
+                name,
+                f"{metrics[f'{name}_perplexity_before']:,.2f}",
+                f"{metrics[f'{name}_perplexity_after']:,.2f}",
+                f"{metrics[f'{name}_perplexity_change_pct']:+.1f}%",
+            )
+        out.print(ppl)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

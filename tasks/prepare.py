@@ -1,0 +1,59 @@
+"""Prepare the build's inputs: every corpus the recipe uses (read, dedupe, split, digest) and the base model."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from adaptflow.data import PreparedCorpus, load_texts, prepare_corpus
+from adaptflow.models import materialize_base_model
+from adaptflow.refs import CheckpointRef
+from adaptflow.tracking import log_dataset, metrics_logger
+from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+
+
+@task(name="prepare-data", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def prepare_data(ctx: BuildContext) -> dict[str, PreparedCorpus]:
+    recipe = ctx.recipe
+    names = recipe.used_corpora()
+    params = {"corpora": {name: recipe.corpora[name].model_dump(mode="json") for name in names}, "seed": recipe.seed}
+    with stage_run(ctx, "prepare", params=params) as (client, run_id):
+        log = metrics_logger(client, run_id)
+        prepared = {}
+        for name in names:
+            corpus = recipe.corpora[name]
+            prepared[name] = p = prepare_corpus(
+                corpus.path,
+                name=name,
+                out_dir=ctx.workdir / "datasets",
+                format=corpus.format,
+                text_field=corpus.text_field,
+                validation_fraction=corpus.validation_fraction,
+                seed=recipe.seed,
+                max_documents=corpus.max_documents,
+            )
+            for split, ref in (("train", p.train), ("validation", p.validation)):
+                log_dataset(client, run_id, ref, context=f"{name}/{split}", source_uri=corpus.path)
+            log(0, {
+                f"{name}.documents_read": p.documents_read,
+                f"{name}.duplicates_removed": p.duplicates_removed,
+                f"{name}.train_rows": p.train.rows,
+                f"{name}.validation_rows": p.validation.rows,
+            })
+        return prepared
+
+
+@task(name="prepare-model", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def prepare_model(ctx: BuildContext, data: dict[str, PreparedCorpus]) -> CheckpointRef:
+    """The base model as a checkpoint reference (a tiny model is built, its tokenizer trained, and saved)."""
+    model = ctx.recipe.model
+    texts = None
+    if model.tiny is not None:
+        texts = load_texts(data[model.tiny.tokenizer_corpus].train)
+    base = materialize_base_model(model, out_dir=ctx.workdir / "models", tokenizer_texts=texts, seed=ctx.recipe.seed)
+    client = ctx.tracking.client()
+    client.set_tag(ctx.build_run_id, "adaptflow.base_model.uri", base.uri)
+    client.set_tag(ctx.build_run_id, "adaptflow.base_model.digest", base.digest)
+    return base

@@ -1,0 +1,54 @@
+"""Continued pretraining as a Prefect task: an MLflow child run around `adaptflow.stages.pretrain.run_pretrain`."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from adaptflow.data import PreparedCorpus
+from adaptflow.refs import CheckpointRef
+from adaptflow.stages.pretrain import STAGE, pretrain_cache_key, run_pretrain
+from adaptflow.tracking import log_dataset, log_directory, metrics_logger
+from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+
+
+@task(name="pretrain", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def pretrain(ctx: BuildContext, base: CheckpointRef, data: dict[str, PreparedCorpus]) -> CheckpointRef:
+    config = ctx.recipe.stages.pretrain
+    corpus = data[config.corpus]
+    replay = data[config.replay.corpus].train if config.replay else None
+    inputs = [d for d in (corpus.train, corpus.validation, replay) if d is not None]
+    key = pretrain_cache_key(config, base, inputs, ctx.recipe.seed)
+    tags = {
+        "adaptflow.cache_key": key,
+        "adaptflow.input_checkpoint.uri": base.uri,
+        "adaptflow.input_checkpoint.digest": base.digest,
+    }
+    params = {**config.model_dump(mode="json"), "seed": ctx.recipe.seed}
+    with stage_run(ctx, STAGE, params=params, tags=tags) as (client, run_id):
+        log_dataset(client, run_id, corpus.train, context="train")
+        log_dataset(client, run_id, corpus.validation, context="validation")
+        if replay is not None:
+            log_dataset(client, run_id, replay, context="replay")
+        checkpoint = run_pretrain(
+            config,
+            base=base,
+            train_data=corpus.train,
+            validation_data=corpus.validation if corpus.validation.rows else None,
+            replay_data=replay,
+            work_dir=ctx.workdir / "stages",
+            cache_dir=ctx.cache_dir,
+            seed=ctx.recipe.seed,
+            mlflow_run_id=run_id,
+            build_run_id=ctx.build_run_id,
+            log_metrics=metrics_logger(client, run_id),
+            progress=ctx.progress,
+            trust_remote_code=ctx.recipe.model.trust_remote_code,
+        )
+        artifact_uri = log_directory(client, run_id, checkpoint.uri, "checkpoint")
+        client.log_artifact(run_id, f"{checkpoint.uri}/lineage.json")
+        client.set_tag(run_id, "adaptflow.checkpoint.uri", checkpoint.uri)
+        client.set_tag(run_id, "adaptflow.checkpoint.artifact_uri", artifact_uri)
+        client.set_tag(run_id, "adaptflow.checkpoint.digest", checkpoint.digest)
+        return checkpoint
