@@ -21,3 +21,7 @@ class DataError(AdaptflowError, ValueError):
 
 class TrainingError(AdaptflowError, RuntimeError):
     """Training cannot continue (for example the loss became NaN)."""
+
+
+class ConfigError(AdaptflowError, ValueError):
+    """A setting that only turns out wrong once the model or data is known (e.g. block_size > positions)."""

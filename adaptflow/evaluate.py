@@ -59,6 +59,7 @@ def compare_perplexity(
     `<name>_perplexity_after` and `<name>_perplexity_change_pct` (negative = the candidate is better).
     """
     from adaptflow.data import load_texts
+    from adaptflow.errors import DataError
     from adaptflow.models import load_model
     from adaptflow.objectives import build_objective
     from adaptflow.tokenize import pack_blocks, tokenize_corpus
@@ -78,7 +79,7 @@ def compare_perplexity(
                 )
                 blocks[name] = pack_blocks(corpus, block_size)[:max_blocks]
                 if len(blocks[name]) == 0:
-                    raise ValueError(
+                    raise DataError(
                         f"evaluation corpus {name!r} ({data.uri}) has fewer than {block_size} tokens: "
                         "raise its validation_fraction or lower evaluation.block_size"
                     )

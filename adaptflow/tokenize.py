@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adaptflow.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TokenizedCorpus:
@@ -39,7 +41,7 @@ def document_delimiters(tokenizer, objective: str) -> tuple[list[int], list[int]
     if objective == "mlm":
         return [tokenizer.cls_token_id], [tokenizer.sep_token_id]
     if tokenizer.eos_token_id is None:
-        raise ValueError("causal-LM packing needs a tokenizer with an eos token to separate documents")
+        raise ConfigError("causal-LM packing needs a tokenizer with an eos token to separate documents")
     return [], [tokenizer.eos_token_id]
 
 

@@ -195,14 +195,18 @@ def train(
 
 
 class _progress:
-    """A rich progress bar (step, loss, tokens/s, ETA) when asked for; a no-op otherwise."""
+    """A rich progress bar (step, loss, tokens/s, ETA) when asked for; a log line per log step otherwise."""
 
     def __init__(self, settings: LoopSettings, start: int):
         self.settings, self.start, self.bar = settings, start, None
 
     def __enter__(self):
         if not self.settings.progress:
-            return lambda step, metrics: None
+            def log_line(step: int, metrics: dict[str, float]) -> None:
+                log.info("%s step %d/%d loss %.4f %.0f tokens/s", self.settings.description, step,
+                         self.settings.max_steps, metrics["loss"], metrics["tokens_per_s"])
+
+            return log_line
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(

@@ -95,6 +95,8 @@ def _configure_prefect() -> None:
     """Defaults that make Prefect's local ephemeral API work out of the box here; the user's env wins."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")
+    # No telemetry: these machines are often offline, and its first write races the SQLite schema setup.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("adaptflow").setLevel(logging.INFO)
 
 
@@ -102,7 +104,7 @@ def _print_summary(summary: dict) -> None:
     out = Console()
     table = Table(title=f"build {summary['build_run_id']} ({summary['domain']}): {summary['status']}")
     for column in ("stage", "run id", "status", "checkpoint"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for name, stage in summary["stages"].items():
         table.add_row(name, stage["run_id"], stage["status"], stage.get("checkpoint_uri") or "")
     out.print(table)

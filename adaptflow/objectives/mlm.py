@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from adaptflow.errors import ConfigError
+
 IGNORE = -100
 
 
@@ -25,7 +27,7 @@ class MaskedLM:
         # WordPiece marks a word's continuation pieces with '##': one lookup table makes WWM vectorised.
         self.continuation = torch.tensor([t.startswith("##") for t in vocab], dtype=torch.bool)
         if whole_word and not self.continuation.any():
-            raise ValueError(
+            raise ConfigError(
                 "whole_word_masking needs a WordPiece vocabulary ('##' continuation pieces); "
                 "this tokenizer has none — set stages.pretrain.whole_word_masking: false"
             )
@@ -36,7 +38,8 @@ class MaskedLM:
         draw = torch.rand(ids.shape, generator=generator)
         if self.whole_word:
             starts = ~(self.continuation[ids] & ~special)
-            word = torch.cumsum(starts, dim=1) - 1  # index of the word each piece belongs to
+            # Index of the word each piece belongs to (a block may start mid-word: that piece joins word 0).
+            word = (torch.cumsum(starts, dim=1) - 1).clamp_min(0)
             draw = draw.gather(1, word)  # every piece takes its word's draw
         targets = (draw < self.probability) & ~special
         labels = torch.where(targets, ids, IGNORE)

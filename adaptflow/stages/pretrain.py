@@ -16,6 +16,7 @@ import torch
 
 from adaptflow.config import PretrainConfig
 from adaptflow.data import load_texts
+from adaptflow.errors import ConfigError
 from adaptflow.evaluate import perplexity
 from adaptflow.lineage import stage_cache_key, stage_lineage
 from adaptflow.models import infer_objective, load_model, save_checkpoint
@@ -75,7 +76,7 @@ def run_pretrain(
     )
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_positions and config.block_size > max_positions:
-        raise ValueError(
+        raise ConfigError(
             f"stages.pretrain.block_size ({config.block_size}) exceeds the model's "
             f"max_position_embeddings ({max_positions}); lower block_size"
         )

@@ -1,0 +1,100 @@
+"""The whole build flow on the tiny recipe: real Prefect (test server), real MLflow (SQLite), real files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+from transformers import AutoModelForMaskedLM
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.conftest import DATA_ROOT, DOMAINS
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def run_build(tmp_path, overrides, *extra):
+    summary_path = tmp_path / "summary.json"
+    args = ["build", str(DOMAINS / "tiny.yaml"), "--summary-json", str(summary_path), "--no-progress",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+    for item in overrides:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(summary_path.read_text()), MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_tiny_build_end_to_end_is_tracked_with_lineage(tmp_path, tiny_overrides):
+    summary, client = run_build(tmp_path, tiny_overrides)
+
+    assert summary["domain"] == "tiny" and summary["status"] == "FINISHED"
+    assert list(summary["stages"]) == ["prepare", "pretrain", "evaluate"]
+    parent = client.get_run(summary["build_run_id"])
+    assert parent.data.tags["adaptflow.trigger"] == "manual"
+    assert len(parent.data.tags["adaptflow.recipe_digest"]) == 16
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.params["stages.pretrain.max_steps"] == "16"
+
+    for name, stage in summary["stages"].items():
+        child = client.get_run(stage["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == summary["build_run_id"], name
+        assert child.info.status == "FINISHED"
+
+    pretrain = client.get_run(summary["stages"]["pretrain"]["run_id"])
+    assert pretrain.data.params["lr"] == "0.002" and pretrain.data.params["seed"] == "13"
+    inputs = {d.dataset.name: d for d in pretrain.inputs.dataset_inputs}
+    assert set(inputs) == {"domain/train", "domain/validation", "general/train"}
+    train_input = inputs["domain/train"]
+    assert json.loads(train_input.dataset.source)["uri"].endswith("train.parquet")
+    assert json.loads(train_input.dataset.profile)["num_rows"] > 0
+    assert pretrain.data.tags["adaptflow.input_checkpoint.digest"] == parent.data.tags["adaptflow.base_model.digest"]
+
+    losses = [m.value for m in client.get_metric_history(pretrain.info.run_id, "loss")]
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
+    for metric in ("tokens_per_s", "lr", "grad_norm", "eval_perplexity"):
+        assert metric in pretrain.data.metrics
+
+    artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
+    assert {"checkpoint", "lineage.json"} <= artifacts
+    files = {a.path for a in client.list_artifacts(pretrain.info.run_id, "checkpoint")}
+    assert {"checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/tokenizer.json"} <= files
+
+    checkpoint = summary["stages"]["pretrain"]["checkpoint_uri"]
+    model = AutoModelForMaskedLM.from_pretrained(checkpoint)
+    assert model.config.num_hidden_layers == 2
+    lineage = json.loads((tmp_path / "runs").glob("stages/pretrain-*/final/lineage.json").__next__().read_text())
+    assert lineage["mlflow_run_id"] == pretrain.info.run_id
+    assert lineage["build_run_id"] == summary["build_run_id"]
+
+    metrics = summary["metrics"]
+    assert metrics["domain_perplexity_after"] < metrics["domain_perplexity_before"]
+    assert {"general_perplexity_before", "general_perplexity_after", "general_perplexity_change_pct"} <= set(metrics)
+
+
+def test_build_reads_corpora_from_s3(tmp_path, tiny_overrides, s3_env, s3_client):
+    bucket = s3_env
+    s3_client.upload_file(str(DATA_ROOT / "biomedical/unlabelled_ncbi_abstracts/abstracts.jsonl"), bucket,
+                          "corpora/abstracts.jsonl")
+    overrides = [*tiny_overrides, f"corpora.domain.path=s3://{bucket}/corpora/abstracts.jsonl",
+                 "stages.pretrain.max_steps=4", "stages.pretrain.eval_every=0", "evaluation.corpora=[domain]"]
+    summary, client = run_build(tmp_path, overrides)
+    assert summary["status"] == "FINISHED"
+    prepare = client.get_run(summary["stages"]["prepare"]["run_id"])
+    domain = [d for d in prepare.inputs.dataset_inputs if d.dataset.name == "domain/train"][0]
+    assert json.loads(domain.dataset.profile)["prepared_from"] == f"s3://{bucket}/corpora/abstracts.jsonl"
+
+
+def test_a_failing_stage_fails_the_build_and_registers_its_status(tmp_path, tiny_overrides):
+    overrides = [*tiny_overrides, "stages.pretrain.block_size=4096"]  # longer than the model's positions
+    result = CliRunner().invoke(app, ["build", str(DOMAINS / "tiny.yaml"), "--no-progress",
+                                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                      *[a for o in overrides for a in ("--set", o)]])
+    assert result.exit_code == 1
+    assert "block_size (4096) exceeds the model's max_position_embeddings (128)" in result.output
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("adaptflow-tiny").experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["pretrain"] == "FAILED" and status["build-tiny"] == "FAILED"
+    assert not list((tmp_path / "runs").glob("stages/pretrain-*/final"))
