@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from adaptflow.config import load_recipe
 from adaptflow.tracking import build_summary
@@ -18,7 +20,11 @@ from tasks.prepare import prepare_data, prepare_model
 from tasks.pretrain import pretrain
 
 
-@flow(name="build", flow_run_name="build-{recipe_path}", validate_parameters=False)
+def _run_name() -> str:
+    return f"build-{Path(flow_run.parameters['recipe_path']).stem}"
+
+
+@flow(name="build", flow_run_name=_run_name)
 def build(
     recipe_path: str,
     overrides: list[str] | None = None,

@@ -11,7 +11,7 @@ pytest_plugins = ["tests.s3"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ROOT / "domains"
-DATA_ROOT = ROOT.parent / "shared" / "data"
+DATA_ROOT = (ROOT.parent / "shared" / "data").resolve()
 
 
 @pytest.fixture(scope="session", autouse=True)

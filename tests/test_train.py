@@ -68,6 +68,13 @@ def test_pretraining_learns_and_writes_a_loadable_checkpoint(tmp_path, corpus, a
     assert lineage["chain"][-1]["stage"] == "base"
 
 
+def test_bf16_autocast_trains(tmp_path, corpus):
+    base = base_model(tmp_path, corpus)
+    _, history = pretrain(tmp_path, corpus, base, bf16=True, max_steps=20, eval_every=0)
+    losses = series(history, "loss")
+    assert losses[-1] < losses[0], losses
+
+
 def test_accumulation_equals_one_large_batch(abstracts, tiny_gpt2):
     """4 × 2 micro-batches with token-normalised loss take exactly the step of one batch of 8."""
     model, tokenizer = tiny_gpt2
