@@ -80,6 +80,34 @@ class CorpusConfig(Section):
     validation_fraction: Fraction = 0.05
 
 
+PathList = str | list[str]
+
+
+class TaskDataConfig(Section):
+    """A labelled task: where its splits live and which fields hold text and labels.
+
+    `type` is `classification` (single label per text, optional text pair), `ner` (IOB2 tags per token,
+    from CoNLL-style files) or `sft` (prompt → response pairs for decoders). Each split is one path or a
+    list of paths (concatenated). Without `validation`, `validation_fraction` of train is held out.
+    """
+
+    type: Literal["classification", "ner", "sft"]
+    train: PathList
+    validation: PathList | None = None
+    test: PathList | None = None
+    format: Literal["auto", "jsonl", "csv", "parquet", "conll"] = "auto"
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    labels: list[str] | None = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    token_column: int = 0
+    tag_column: int = -1
+    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    max_examples: PositiveInt | None = None
+
+
 class ReplayConfig(Section):
     """Mix general text into pretraining against forgetting: `ratio` of the training blocks come from it."""
 
@@ -153,6 +181,7 @@ class Recipe(Section):
     workdir: str = "adaptflow-runs"
     model: ModelConfig
     corpora: dict[str, CorpusConfig] = Field(default_factory=dict)
+    tasks: dict[str, TaskDataConfig] = Field(default_factory=dict)
     stages: StagesConfig = StagesConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -272,18 +301,26 @@ def resolve_data_root(raw_root: str | None, recipe_dir: Path) -> Path:
 
 
 def _resolve_paths(raw: dict, recipe_dir: Path) -> None:
-    """Turn relative corpus paths into absolute ones so that stages never depend on the working directory."""
-    corpora = raw.get("corpora")
-    if not isinstance(corpora, dict):
-        return
+    """Turn relative data paths into absolute ones so that stages never depend on the working directory."""
     root = resolve_data_root(raw.get("data_root"), recipe_dir)
-    for corpus in corpora.values():
-        if isinstance(corpus, dict) and isinstance(corpus.get("path"), str):
-            p = corpus["path"]
-            if not (p.startswith("s3://") or os.path.isabs(os.path.expanduser(p))):
-                corpus["path"] = str(root / p)
-            else:
-                corpus["path"] = os.path.expanduser(p)
+
+    def resolve(p):
+        if isinstance(p, list):
+            return [resolve(item) for item in p]
+        if not isinstance(p, str):
+            return p
+        p = os.path.expanduser(p)
+        return p if p.startswith("s3://") or os.path.isabs(p) else str(root / p)
+
+    for section, keys in (("corpora", ("path",)), ("tasks", ("train", "validation", "test"))):
+        entries = raw.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for entry in entries.values():
+            if isinstance(entry, dict):
+                for key in keys:
+                    if key in entry:
+                        entry[key] = resolve(entry[key])
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
         model["path"] = str((recipe_dir / os.path.expanduser(model["path"])).resolve())
