@@ -151,8 +151,71 @@ class PretrainConfig(Section):
         return self
 
 
+class RegularizerConfig(Section):
+    """Pull fine-tuned weights toward the starting ones: L2-SP (uniform) or EWC (weighted by a diagonal Fisher
+    of the language-modelling loss on `fisher_corpus` — a corpus name, or `task` for the task's training text)."""
+
+    type: Literal["l2sp", "ewc"]
+    strength: PositiveFloat = 0.01
+    fisher_corpus: str = "task"
+    fisher_batches: PositiveInt = 8
+
+
+class EarlyStoppingConfig(Section):
+    metric: str = "macro_f1"
+    mode: Literal["max", "min"] = "max"
+    patience: PositiveInt = 3
+    restore_best: bool = True
+
+
+class FinetuneConfig(Section):
+    """Task fine-tuning with one strategy (full, a PEFT method, adapters, feature extraction, gradual unfreezing)."""
+
+    enabled: bool = True
+    task: str
+    strategy: Literal[
+        "full", "lora", "adalora", "gralora", "ia3", "adapters", "feature_extraction", "gradual_unfreezing"
+    ] = "full"
+    peft: dict[str, Any] = Field(default_factory=dict)
+    adapter_reduction: PositiveInt = 16
+    unfreeze_every: PositiveInt = 50
+    layerwise_lr_decay: Annotated[float, Field(gt=0, le=1)] | None = None
+    regularizer: RegularizerConfig | None = None
+    max_length: Annotated[int, Field(ge=8)] = 256
+    batch_size: PositiveInt = 16
+    grad_accum_steps: PositiveInt = 1
+    epochs: PositiveFloat | None = 3
+    max_steps: PositiveInt | None = None
+    lr: PositiveFloat = 5e-5
+    head_lr: PositiveFloat | None = None
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: PositiveFloat | None = 1.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    bf16: bool = False
+    group_by_length: bool = True
+    class_weights: Literal["none", "balanced"] = "none"
+    sampler: Literal["random", "balanced"] = "random"
+    prompt_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    log_every: PositiveInt = 10
+    eval_every: Annotated[int, Field(ge=0)] = 0
+    early_stopping: EarlyStoppingConfig | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    select_seed: Literal["best"] | int = "best"
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> FinetuneConfig:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs")
+        if isinstance(self.select_seed, int) and self.select_seed not in self.seeds:
+            raise ValueError(f"select_seed {self.select_seed} is not one of seeds {self.seeds}")
+        return self
+
+
 class StagesConfig(Section):
     pretrain: PretrainConfig | None = None
+    finetune: FinetuneConfig | None = None
 
 
 class EvaluationConfig(Section):
@@ -211,9 +274,16 @@ class Recipe(Section):
             used.add(pretrain.corpus)
             if pretrain.replay is not None:
                 used.add(pretrain.replay.corpus)
+        finetune = self.stages.finetune
+        if finetune is not None and finetune.enabled and finetune.regularizer is not None:
+            used.add(finetune.regularizer.fisher_corpus)
         if self.evaluation.enabled:
             used.update(self.evaluation.corpora)
         return [name for name in self.corpora if name in used]
+
+    def used_tasks(self) -> list[str]:
+        finetune = self.stages.finetune
+        return [finetune.task] if finetune is not None and finetune.enabled else []
 
     def capped(self, *, max_steps: int | None = None, max_examples: int | None = None) -> Recipe:
         """A copy whose every stage runs at most `max_steps` and every corpus reads at most `max_examples`."""
@@ -221,11 +291,14 @@ class Recipe(Section):
         if max_steps is not None:
             for stage in data["stages"].values():
                 if stage and "max_steps" in stage:
-                    stage["max_steps"] = min(stage["max_steps"], max_steps)
-                    stage["head_warmup_steps"] = min(stage.get("head_warmup_steps", 0), stage["max_steps"] // 2)
+                    stage["max_steps"] = min(stage["max_steps"] or max_steps, max_steps)
+                    if "head_warmup_steps" in stage:
+                        stage["head_warmup_steps"] = min(stage["head_warmup_steps"], stage["max_steps"] // 2)
         if max_examples is not None:
             for corpus in data["corpora"].values():
                 corpus["max_documents"] = min(corpus["max_documents"] or max_examples, max_examples)
+            for task in data["tasks"].values():
+                task["max_examples"] = min(task["max_examples"] or max_examples, max_examples)
         return Recipe.model_validate(data)
 
 
@@ -340,11 +413,23 @@ def _cross_reference_problems(raw: dict) -> list[str]:
         refs.append(("stages.pretrain.corpus", pretrain.get("corpus", "domain")))
         if isinstance(pretrain.get("replay"), dict):
             refs.append(("stages.pretrain.replay.corpus", pretrain["replay"].get("corpus")))
+    problems = []
+    finetune = stages.get("finetune")
+    if isinstance(finetune, dict) and finetune.get("enabled", True):
+        tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
+        name = finetune.get("task")
+        if isinstance(name, str) and name not in tasks:
+            declared = ", ".join(sorted(tasks)) or "none declared"
+            problems.append(f"stages.finetune.task: {name!r} is not a declared task (declared: {declared}); "
+                            "add it under tasks: or fix the name")
+        regularizer = finetune.get("regularizer")
+        if isinstance(regularizer, dict) and regularizer.get("fisher_corpus", "task") != "task":
+            refs.append(("stages.finetune.regularizer.fisher_corpus", regularizer["fisher_corpus"]))
     evaluation = raw.get("evaluation") if isinstance(raw.get("evaluation"), dict) else {}
     names = evaluation.get("corpora", ["domain"])
     if isinstance(names, list) and evaluation.get("enabled", True):
         refs += [(f"evaluation.corpora[{i}]", name) for i, name in enumerate(names)]
-    return [
+    return problems + [
         f"{where}: {name!r} is not a declared corpus (declared: {known}); add it under corpora: or fix the name"
         for where, name in refs
         if isinstance(name, str) and name not in corpora

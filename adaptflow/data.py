@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -84,17 +84,11 @@ def read_texts(
     # Read the whole file up front: the returned list holds the text anyway, and it keeps storage
     # errors (retryable) apart from format errors (not retryable).
     data = storage.read_bytes(uri, what="corpus file")
-    if fmt == "txt":
-        values = _txt_values(uri, data)
-    elif fmt == "jsonl":
-        values = _jsonl_values(uri, data, text_field)
-    elif fmt == "csv":
-        values = _csv_values(uri, data, text_field)
-    else:
-        values = _parquet_values(uri, data, text_field)
+    records = _records(uri, data, fmt, [text_field], string_fields=[text_field], fix=_text_field_fix)
 
     texts: list[str] = []
-    for where, value in values:
+    for where, record in records:
+        value = record[text_field]
         if not isinstance(value, str):
             shown = "null" if value is None else f"{type(value).__name__} {value!r:.60}"
             raise DataError(
@@ -227,7 +221,7 @@ def load_texts(ref: DatasetRef) -> list[str]:
     matches ``ref.digest`` (the file changed since it was prepared).
     """
     data = storage.read_bytes(ref.uri, what="dataset file")
-    table = _parquet_table(ref.uri, data, "text")
+    table = _parquet_table(ref.uri, data, ["text"], fix=_text_field_fix)
     texts = table.column("text").to_pylist()
     if any(not isinstance(t, str) for t in texts):
         raise DataError(f"dataset {ref.name or ref.uri} at {ref.uri} has null or non-string texts; re-run prepare")
@@ -271,12 +265,42 @@ def _decode_lines(uri: str, data: bytes) -> Iterator[tuple[int, str]]:
         yield number, line.removesuffix("\r")
 
 
-def _txt_values(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
-    for number, line in _decode_lines(uri, data):
-        yield f"line {number}", line
+def _text_field_fix(field: str) -> str:
+    return "set text_field to the one holding the text"
 
 
-def _jsonl_values(uri: str, data: bytes, text_field: str) -> Iterator[tuple[str, object]]:
+def _records(
+    uri: str,
+    data: bytes,
+    fmt: str,
+    fields: Sequence[str],
+    *,
+    optional: Sequence[str] = (),
+    string_fields: Sequence[str] = (),
+    fix: Callable[[str], str],
+) -> Iterator[tuple[str, dict]]:
+    """Yield ``(where, record)`` for each record of a file in format ``fmt``; ``where`` is "line N" or "row N".
+
+    Each record holds every name in ``fields`` and those names in ``optional`` that the file has. A record
+    (or file) lacking one of ``fields`` is a ``DataError`` that lists what is present and ends with
+    ``fix(missing_field)``. ``txt`` yields each line under ``fields[0]``; CSV values are all strings;
+    parquet columns named in ``string_fields`` must have a string type.
+    """
+    if fmt == "txt":
+        for number, line in _decode_lines(uri, data):
+            yield f"line {number}", {fields[0]: line}
+    elif fmt == "jsonl":
+        yield from _jsonl_records(uri, data, fields, optional, fix)
+    elif fmt == "csv":
+        yield from _csv_records(uri, data, fields, optional, fix)
+    else:
+        yield from _parquet_records(uri, data, fields, optional, string_fields, fix)
+
+
+def _jsonl_records(
+    uri: str, data: bytes, fields: Sequence[str], optional: Sequence[str], fix: Callable[[str], str]
+) -> Iterator[tuple[str, dict]]:
+    wanted = list(dict.fromkeys([*fields, *optional]))
     for number, line in _decode_lines(uri, data):
         if not line.strip():
             continue
@@ -292,63 +316,87 @@ def _jsonl_values(uri: str, data: bytes, text_field: str) -> Iterator[tuple[str,
                 f"{uri} line {number}: expected a JSON object, got {type(record).__name__}; "
                 "each line must be one JSON object"
             )
-        if text_field not in record:
-            raise DataError(
-                f"{uri} line {number}: no field {text_field!r}; fields present: {', '.join(record) or '(none)'} "
-                "(set text_field to the field holding the text)"
-            )
-        yield f"line {number}", record[text_field]
+        for field in fields:
+            if field not in record:
+                raise DataError(
+                    f"{uri} line {number}: no field {field!r}; fields present: {', '.join(record) or '(none)'} "
+                    f"({fix(field)})"
+                )
+        yield f"line {number}", {field: record[field] for field in wanted if field in record}
 
 
-def _csv_values(uri: str, data: bytes, text_field: str) -> Iterator[tuple[str, object]]:
+def _csv_records(
+    uri: str, data: bytes, fields: Sequence[str], optional: Sequence[str], fix: Callable[[str], str]
+) -> Iterator[tuple[str, dict]]:
     # Validate UTF-8 ourselves: pyarrow's error names neither line nor offset.
     for _ in _decode_lines(uri, data):
         pass
     if not data.strip():
         return
-    # CSV has no types: force the text column to string so a document like "1984" stays text.
+    wanted = list(dict.fromkeys([*fields, *optional]))
+    # CSV has no types: keep every field read as a string, so a document like "1984" or a label like
+    # "007" stays as written.
     try:
         table = pacsv.read_csv(
             pa.BufferReader(data),
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types={text_field: pa.string()}),
+            convert_options=pacsv.ConvertOptions(column_types={field: pa.string() for field in wanted}),
         )
     except pa.ArrowException as exc:
         raise DataError(f"{uri}: malformed CSV ({exc}); check quoting and the column count of each row") from exc
-    if text_field not in table.column_names:
-        raise DataError(
-            f"{uri}: no column {text_field!r}; columns present: {', '.join(table.column_names)} "
-            "(set text_field to the column holding the text)"
-        )
-    for row, value in enumerate(table.column(text_field).to_pylist(), start=1):
-        yield f"row {row}", value
+    _require_columns(uri, table.column_names, fields, fix)
+    present = [field for field in wanted if field in table.column_names]
+    for row, record in enumerate(table.select(present).to_pylist(), start=1):
+        yield f"row {row}", record
 
 
-def _parquet_values(uri: str, data: bytes, text_field: str) -> Iterator[tuple[str, object]]:
-    column = _parquet_table(uri, data, text_field).column(text_field)
-    if not any(check(column.type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)):
-        raise DataError(
-            f"{uri}: column {text_field!r} has type {column.type}, expected string "
-            "(set text_field to the column holding the text)"
-        )
-    for row, value in enumerate(column.to_pylist(), start=1):
-        yield f"row {row}", value
+def _parquet_records(
+    uri: str,
+    data: bytes,
+    fields: Sequence[str],
+    optional: Sequence[str],
+    string_fields: Sequence[str],
+    fix: Callable[[str], str],
+) -> Iterator[tuple[str, dict]]:
+    table = _parquet_table(uri, data, fields, optional=optional, fix=fix)
+    string_types = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+    for field in string_fields:
+        column_type = table.schema.field(field).type
+        if not any(is_string(column_type) for is_string in string_types):
+            raise DataError(f"{uri}: column {field!r} has type {column_type}, expected string ({fix(field)})")
+    for row, record in enumerate(table.to_pylist(), start=1):
+        yield f"row {row}", record
 
 
-def _parquet_table(uri: str, data: bytes, column: str) -> pa.Table:
+def _parquet_table(
+    uri: str,
+    data: bytes,
+    columns: Sequence[str] | None = None,
+    *,
+    optional: Sequence[str] = (),
+    fix: Callable[[str], str] = _text_field_fix,
+) -> pa.Table:
+    """Read ``columns`` (all when None) plus whichever of ``optional`` exist from parquet bytes."""
     try:
         parquet = pq.ParquetFile(pa.BufferReader(data))
         names = parquet.schema_arrow.names
-        if column not in names:
-            raise DataError(
-                f"{uri}: no column {column!r}; columns present: {', '.join(names) or '(none)'} "
-                "(set text_field to the column holding the text)"
-            )
-        return parquet.read(columns=[column])
+        if columns is None:
+            return parquet.read()
+        _require_columns(uri, names, columns, fix)
+        wanted = dict.fromkeys([*columns, *(name for name in optional if name in names)])
+        return parquet.read(columns=list(wanted))
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
             f"{uri}: not a readable parquet file ({exc}); it may be truncated or corrupt, re-export it"
         ) from exc
+
+
+def _require_columns(uri: str, present: Sequence[str], required: Sequence[str], fix: Callable[[str], str]) -> None:
+    for column in required:
+        if column not in present:
+            raise DataError(
+                f"{uri}: no column {column!r}; columns present: {', '.join(present) or '(none)'} ({fix(column)})"
+            )
 
 
 def _unit_hash(seed: int, text: str) -> float:
@@ -357,10 +405,15 @@ def _unit_hash(seed: int, text: str) -> float:
 
 
 def _write_split(texts: list[str], *, name: str, split: str, out_dir: str | Path) -> DatasetRef:
-    digest = digest_texts(texts)
+    table = pa.table({"text": pa.array(texts, type=pa.string())})
+    return _write_split_table(table, digest_texts(texts), name=name, split=split, out_dir=out_dir)
+
+
+def _write_split_table(table: pa.Table, digest: str, *, name: str, split: str, out_dir: str | Path) -> DatasetRef:
+    """Write ``table`` to ``<out_dir>/<name>-<digest>/<split>.parquet`` unless that file already exists."""
     uri = storage.join(out_dir, f"{name}-{digest}", f"{split}.parquet")
     if not storage.exists(uri):
         sink = pa.BufferOutputStream()
-        pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), sink)
+        pq.write_table(table, sink)
         storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
-    return DatasetRef(uri=uri, digest=digest, rows=len(texts), name=f"{name}/{split}")
+    return DatasetRef(uri=uri, digest=digest, rows=table.num_rows, name=f"{name}/{split}")

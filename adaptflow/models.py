@@ -222,6 +222,59 @@ def load_model(ref: CheckpointRef | str, objective: str, *, seed: int = 0, trust
     return model, tokenizer
 
 
+TASK_AUTO_CLASSES = {
+    "classification": "AutoModelForSequenceClassification",
+    "ner": "AutoModelForTokenClassification",
+    "sft": "AutoModelForCausalLM",
+}
+
+
+def load_task_model(
+    ref: CheckpointRef | str,
+    kind: str,
+    labels: list[str] | tuple[str, ...] = (),
+    *,
+    seed: int = 0,
+    dropout: float | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load (model, tokenizer) with a task head from any checkpoint of the chain.
+
+    Starting from a pretraining checkpoint, the LM head is dropped and a fresh task head is initialised from
+    `seed`. A checkpoint written by the adapters strategy gets its adapters back before its weights load.
+    """
+    import transformers
+    from transformers import AutoTokenizer
+
+    path = ref.uri if isinstance(ref, CheckpointRef) else ref
+    auto = getattr(transformers, TASK_AUTO_CLASSES[kind])
+    kwargs = {}
+    if kind != "sft":
+        kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                  "label2id": {label: i for i, label in enumerate(labels)}}
+    lineage = read_lineage(path)
+    with quiet_transformers(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+    if lineage.get("strategy") == "adapters":
+        from safetensors.torch import load_model as load_weights
+
+        from adaptflow.peft import add_bottleneck_adapters
+
+        add_bottleneck_adapters(model, reduction=lineage["config"]["adapter_reduction"])
+        load_weights(model, str(Path(path) / "model.safetensors"), strict=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = dropout
+    return model, tokenizer
+
+
 def save_checkpoint(model, tokenizer, out_dir: str | Path, *, lineage: dict) -> str:
     """Write a Hugging Face checkpoint (safetensors, config, tokenizer, lineage.json) atomically; return its digest.
 

@@ -51,27 +51,81 @@ class LoopResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
-class BlockSampler:
-    """Micro-batch `i` = a fixed slice of a per-epoch seeded permutation of the blocks (last partial batch dropped)."""
+class BatchSampler:
+    """Micro-batch `i` = a fixed slice of a per-epoch seeded order of the items (last partial batch dropped).
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int):
-        if len(blocks) < batch_size:
+    Items are a tensor of packed blocks or a list of examples. With `lengths`, batches group examples of
+    similar length (sorted within windows of 50 batches, then the batches shuffled), so dynamic padding
+    wastes little. With `weights`, each epoch draws items with replacement in proportion to them (e.g.
+    inverse class frequency).
+    """
+
+    def __init__(self, items, batch_size: int, seed: int, *, lengths=None, weights: torch.Tensor | None = None):
+        if len(items) < batch_size:
             raise DataError(
-                f"only {len(blocks)} training block(s) but batch_size is {batch_size}; "
+                f"only {len(items)} training item(s) but batch_size is {batch_size}; "
                 "use more data, a smaller block_size or a smaller batch_size"
             )
-        self.blocks = blocks
+        self.items = items
         self.batch_size = batch_size
         self.seed = seed
-        self.per_epoch = len(blocks) // batch_size
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        self.weights = weights
+        self.per_epoch = len(items) // batch_size
         self._epoch, self._order = -1, None
 
-    def __call__(self, index: int) -> torch.Tensor:
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        n = len(self.items)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=g)
+        else:
+            order = torch.randperm(n, generator=g)
+        if self.lengths is None:
+            return order
+        window = self.batch_size * 50
+        order = torch.cat([c[self.lengths[c].argsort(descending=True)] for c in order.split(window)])
+        batches = order[: self.per_epoch * self.batch_size].view(self.per_epoch, self.batch_size)
+        return batches[torch.randperm(self.per_epoch, generator=g)].flatten()
+
+    def __call__(self, index: int):
         epoch, pos = divmod(index, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(len(self.blocks), generator=g)
-        return self.blocks[self._order[pos * self.batch_size : (pos + 1) * self.batch_size]]
+            self._epoch, self._order = epoch, self._epoch_order(epoch)
+        picked = self._order[pos * self.batch_size : (pos + 1) * self.batch_size]
+        if torch.is_tensor(self.items):
+            return self.items[picked]
+        return [self.items[i] for i in picked.tolist()]
+
+
+class EarlyStopping:
+    """Stop when `metric` has not improved for `patience` evaluations; keep a copy of the best weights."""
+
+    def __init__(self, metric: str, *, mode: str = "max", patience: int = 3, restore_best: bool = True):
+        self.metric, self.mode, self.patience, self.restore_best = metric, mode, patience, restore_best
+        self.best: float | None = None
+        self.best_step = 0
+        self.bad_evals = 0
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def update(self, step: int, metrics: dict[str, float], model: torch.nn.Module) -> bool:
+        """Record an evaluation; return True when training should stop."""
+        if self.metric not in metrics:
+            raise KeyError(f"early_stopping.metric {self.metric!r} is not computed; available: {', '.join(metrics)}")
+        value = metrics[self.metric]
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            if self.restore_best:
+                self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.bad_evals += 1
+        return self.bad_evals >= self.patience
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.restore_best and self._best_state is not None:
+            model.load_state_dict(self._best_state)
+            log.info("restored the best weights (step %d, %s = %.4f)", self.best_step, self.metric, self.best)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup_ratio: float, start: int = 0) -> float:
@@ -94,21 +148,27 @@ def lr_factor(schedule: str, step: int, total: int, warmup_ratio: float, start: 
 def train(
     model: torch.nn.Module,
     objective,
-    sampler: BlockSampler,
+    sampler: BatchSampler,
     optimizer: torch.optim.Optimizer,
     settings: LoopSettings,
     *,
     device: torch.device,
     start_step: int = 0,
     step_hooks: list[Callable[[int], None]] = (),
+    post_step_hooks: list[Callable[[int], None]] = (),
+    regularizer: Callable[[], torch.Tensor] | None = None,
     evaluate: Callable[[], dict[str, float]] | None = None,
+    early_stopping: EarlyStopping | None = None,
     save_state: Callable[[int], None] | None = None,
     log_metrics: MetricsSink | None = None,
 ) -> LoopResult:
-    """Run optimizer steps `start_step .. settings.max_steps - 1`.
+    """Run optimizer steps `start_step .. settings.max_steps - 1` (fewer if early stopping halts it).
 
-    Loss is normalised by the number of target tokens in the whole accumulation window (not per
-    micro-batch), so accumulation matches one large batch exactly. Host syncs happen only at log steps.
+    Loss is normalised by the number of targets in the whole accumulation window (not per micro-batch),
+    so accumulation matches one large batch exactly. A `regularizer` penalty is added once per optimizer
+    step and logged apart as `reg_loss`. `step_hooks` run before a step (freezing schedules),
+    `post_step_hooks` after the optimizer step and before gradients are cleared (AdaLoRA's budget).
+    Host syncs happen only at log and evaluation steps.
     """
     log_metrics = log_metrics or (lambda step, metrics: None)
     for group in optimizer.param_groups:
@@ -120,7 +180,9 @@ def train(
         model.train()
 
     window_loss = torch.zeros((), device=device)
-    window_targets = window_tokens = 0
+    window_reg = torch.zeros((), device=device)
+    window_targets = window_tokens = window_steps = 0
+    done = start_step
     window_start = started = time.perf_counter()
     tokens_total = 0
     last: dict[str, float] = {}
@@ -142,21 +204,29 @@ def train(
                 batches.append(objective.collate(sampler(i), g))
             targets = max(1, sum(b["n_targets"] for b in batches))
             for batch in batches:
+                mask = batch.get("attention_mask")
+                window_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with autocast:
                     loss_sum = objective.loss(model, batch)
                 (loss_sum / targets).backward()
                 window_loss += loss_sum.detach()
-                window_tokens += batch["input_ids"].numel()
             window_targets += targets
+            if regularizer is not None:
+                penalty = regularizer()
+                penalty.backward()
+                window_reg += penalty.detach()
 
             if settings.max_grad_norm:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in model.parameters() if p.grad is not None], settings.max_grad_norm
                 )
             optimizer.step()
+            for hook in post_step_hooks:
+                hook(step)
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            window_steps += 1
 
             if done % settings.log_every == 0 or done == settings.max_steps:
                 loss = window_loss.item() / window_targets
@@ -173,21 +243,31 @@ def train(
                 }
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
+                if regularizer is not None:
+                    last["reg_loss"] = window_reg.item() / window_steps
+                    window_reg.zero_()
                 log_metrics(done, last)
                 advance(done, last)
                 tokens_total += window_tokens
                 window_loss.zero_()
-                window_targets = window_tokens = 0
+                window_targets = window_tokens = window_steps = 0
                 window_start = time.perf_counter()
+            if save_state is not None and settings.save_every and done % settings.save_every == 0:
+                save_state(done)
             if evaluate is not None and settings.eval_every and (
                 done % settings.eval_every == 0 or done == settings.max_steps
             ):
-                log_metrics(done, evaluate())
+                metrics = evaluate()
+                log_metrics(done, metrics)
                 model.train()
-            if save_state is not None and settings.save_every and done % settings.save_every == 0:
-                save_state(done)
+                if early_stopping is not None and early_stopping.update(done, metrics, model):
+                    log.info("early stopping at step %d: no %s improvement in %d evaluations",
+                             done, early_stopping.metric, early_stopping.patience)
+                    break
+    if early_stopping is not None:
+        early_stopping.restore(model)
     return LoopResult(
-        steps=settings.max_steps - start_step,
+        steps=done - start_step,
         tokens=tokens_total,
         seconds=time.perf_counter() - started,
         last_metrics=last,

@@ -9,13 +9,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, unmapped
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from adaptflow.config import load_recipe
 from adaptflow.tracking import build_summary
 from tasks.build_run import build_run
 from tasks.evaluate import evaluate
+from tasks.finetune import finetune, select_seed
 from tasks.prepare import prepare_data, prepare_model
 from tasks.pretrain import pretrain
 
@@ -24,7 +26,8 @@ def _run_name() -> str:
     return f"build-{Path(flow_run.parameters['recipe_path']).stem}"
 
 
-@flow(name="build", flow_run_name=_run_name)
+# One task at a time: each training task already uses every core (and, later, every GPU of its launcher).
+@flow(name="build", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def build(
     recipe_path: str,
     overrides: list[str] | None = None,
@@ -37,11 +40,15 @@ def build(
     """Build one domain model from a recipe; return the build summary read back from MLflow."""
     recipe = load_recipe(recipe_path, overrides or []).capped(max_steps=max_steps, max_examples=max_examples)
     with build_run(recipe, tracking_uri=tracking_uri, trigger=trigger, progress=progress) as ctx:
+        stages = recipe.enabled_stages()
         data = prepare_data(ctx)
         base = prepare_model(ctx, data)
-        model = pretrain(ctx, base, data) if "pretrain" in recipe.enabled_stages() else base
+        encoder = pretrain(ctx, base, data) if "pretrain" in stages else base
+        if "finetune" in stages:
+            seeds = recipe.stages.finetune.seeds
+            select_seed(ctx, finetune.map(unmapped(ctx), unmapped(encoder), unmapped(data), seed=seeds).result())
         if recipe.evaluation.enabled:
-            evaluate(ctx, base, model, data)
+            evaluate(ctx, base, encoder, data)
     return build_summary(ctx.tracking.client(), ctx.build_run_id)
 
 

@@ -5,23 +5,23 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adaptflow.data import PreparedCorpus
 from adaptflow.evaluate import compare_perplexity
 from adaptflow.models import infer_objective
 from adaptflow.refs import CheckpointRef, EvalReport
 from adaptflow.tracking import log_dataset, metrics_logger
 from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+from tasks.prepare import PreparedInputs
 
 
 @task(name="evaluate", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def evaluate(
-    ctx: BuildContext, base: CheckpointRef, candidate: CheckpointRef, data: dict[str, PreparedCorpus]
+    ctx: BuildContext, base: CheckpointRef, candidate: CheckpointRef, data: PreparedInputs
 ) -> EvalReport:
     config = ctx.recipe.evaluation
     pretrain = ctx.recipe.stages.pretrain
     objective = pretrain.objective if pretrain and pretrain.objective != "auto" else infer_objective(base.uri)
-    corpora = {name: data[name].validation for name in config.corpora}
+    corpora = {name: data.corpora[name].validation for name in config.corpora}
     tags = {"adaptflow.base.digest": base.digest, "adaptflow.candidate.uri": candidate.uri,
             "adaptflow.candidate.digest": candidate.digest}
     with stage_run(ctx, "evaluate", params=config.model_dump(mode="json"), tags=tags) as (client, run_id):

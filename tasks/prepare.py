@@ -1,23 +1,38 @@
-"""Prepare the build's inputs: every corpus the recipe uses (read, dedupe, split, digest) and the base model."""
+"""Prepare the build's inputs: every corpus and labelled task the recipe uses (read, dedupe, split,
+digest) and the base model."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adaptflow.data import PreparedCorpus, load_texts, prepare_corpus
+from adaptflow.labelled import TaskSplits, label_counts, load_records, prepare_task
 from adaptflow.models import materialize_base_model
 from adaptflow.refs import CheckpointRef
 from adaptflow.tracking import log_dataset, metrics_logger
 from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
 
 
+@dataclass(frozen=True)
+class PreparedInputs:
+    """References to every prepared corpus and labelled task of a build, by recipe name."""
+
+    corpora: dict[str, PreparedCorpus] = field(default_factory=dict)
+    tasks: dict[str, TaskSplits] = field(default_factory=dict)
+
+
 @task(name="prepare-data", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def prepare_data(ctx: BuildContext) -> dict[str, PreparedCorpus]:
+def prepare_data(ctx: BuildContext) -> PreparedInputs:
     recipe = ctx.recipe
     names = recipe.used_corpora()
-    params = {"corpora": {name: recipe.corpora[name].model_dump(mode="json") for name in names}, "seed": recipe.seed}
+    task_names = recipe.used_tasks()
+    params = {"corpora": {name: recipe.corpora[name].model_dump(mode="json") for name in names},
+              "tasks": {name: recipe.tasks[name].model_dump(mode="json") for name in task_names},
+              "seed": recipe.seed}
     with stage_run(ctx, "prepare", params=params) as (client, run_id):
         log = metrics_logger(client, run_id)
         prepared = {}
@@ -41,17 +56,28 @@ def prepare_data(ctx: BuildContext) -> dict[str, PreparedCorpus]:
                 f"{name}.train_rows": p.train.rows,
                 f"{name}.validation_rows": p.validation.rows,
             })
-        return prepared
+        tasks = {}
+        for name in task_names:
+            tasks[name] = splits = prepare_task(name, recipe.tasks[name], out_dir=ctx.workdir / "datasets",
+                                                seed=recipe.seed)
+            for split in ("train", "validation", "test"):
+                ref = getattr(splits, split)
+                if ref is not None:
+                    log_dataset(client, run_id, ref, context=f"{name}/{split}")
+                    log(0, {f"{name}.{split}_rows": ref.rows})
+            counts = label_counts(load_records(splits.train), splits.kind)
+            log(0, {f"{name}.train_label.{label}": n for label, n in counts.items()})
+        return PreparedInputs(corpora=prepared, tasks=tasks)
 
 
 @task(name="prepare-model", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def prepare_model(ctx: BuildContext, data: dict[str, PreparedCorpus]) -> CheckpointRef:
+def prepare_model(ctx: BuildContext, data: PreparedInputs) -> CheckpointRef:
     """The base model as a checkpoint reference (a tiny model is built, its tokenizer trained, and saved)."""
     model = ctx.recipe.model
     texts = None
     if model.tiny is not None:
-        texts = load_texts(data[model.tiny.tokenizer_corpus].train)
+        texts = load_texts(data.corpora[model.tiny.tokenizer_corpus].train)
     base = materialize_base_model(model, out_dir=ctx.workdir / "models", tokenizer_texts=texts, seed=ctx.recipe.seed)
     client = ctx.tracking.client()
     client.set_tag(ctx.build_run_id, "adaptflow.base_model.uri", base.uri)

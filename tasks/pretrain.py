@@ -5,19 +5,19 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adaptflow.data import PreparedCorpus
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.pretrain import STAGE, pretrain_cache_key, run_pretrain
 from adaptflow.tracking import log_dataset, log_directory, metrics_logger
 from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+from tasks.prepare import PreparedInputs
 
 
 @task(name="pretrain", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def pretrain(ctx: BuildContext, base: CheckpointRef, data: dict[str, PreparedCorpus]) -> CheckpointRef:
+def pretrain(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> CheckpointRef:
     config = ctx.recipe.stages.pretrain
-    corpus = data[config.corpus]
-    replay = data[config.replay.corpus].train if config.replay else None
+    corpus = data.corpora[config.corpus]
+    replay = data.corpora[config.replay.corpus].train if config.replay else None
     inputs = [d for d in (corpus.train, corpus.validation, replay) if d is not None]
     key = pretrain_cache_key(config, base, inputs, ctx.recipe.seed)
     tags = {

@@ -18,7 +18,7 @@ from adaptflow.models import materialize_base_model
 from adaptflow.objectives import build_objective
 from adaptflow.stages.pretrain import _optimizer_and_freezing, run_pretrain
 from adaptflow.tokenize import pack_blocks, tokenize_corpus
-from adaptflow.train import BlockSampler, LoopSettings, train
+from adaptflow.train import BatchSampler, LoopSettings, train
 from tests.conftest import DATA_ROOT
 
 ABSTRACTS = str(DATA_ROOT / "biomedical/unlabelled_ncbi_abstracts/abstracts.txt")
@@ -87,7 +87,7 @@ def test_accumulation_equals_one_large_batch(abstracts, tiny_gpt2):
     for batch_size, accum in ((8, 1), (4, 2)):
         trained = copy.deepcopy(model)
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
-        train(trained, objective, BlockSampler(blocks, batch_size, seed=3), optimizer,
+        train(trained, objective, BatchSampler(blocks, batch_size, seed=3), optimizer,
               LoopSettings(max_steps=2, grad_accum_steps=accum, max_grad_norm=None, log_every=1),
               device=torch.device("cpu"))
         results.append(trained.state_dict())
@@ -126,7 +126,7 @@ def test_head_warmup_trains_the_head_alone_first(abstracts, tiny_bert):
     optimizer, freeze = _optimizer_and_freezing(model, config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     blocks = pack_blocks(tokenize_corpus(abstracts, tokenizer, objective="mlm"), 32)
-    train(model, build_objective("mlm", tokenizer), BlockSampler(blocks, 4, 0), optimizer,
+    train(model, build_objective("mlm", tokenizer), BatchSampler(blocks, 4, 0), optimizer,
           LoopSettings(max_steps=3, log_every=1), device=torch.device("cpu"), step_hooks=[freeze])
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -148,7 +148,7 @@ def test_non_finite_loss_stops_training_with_the_step(abstracts, tiny_gpt2):
             return clm.loss(model, batch) * float("nan")
 
     with pytest.raises(TrainingError, match=r"loss became nan between steps 1 and 2"):
-        train(model, Exploding(), BlockSampler(blocks, 4, 0), torch.optim.SGD(model.parameters(), lr=0.1),
+        train(model, Exploding(), BatchSampler(blocks, 4, 0), torch.optim.SGD(model.parameters(), lr=0.1),
               LoopSettings(max_steps=10, log_every=2), device=torch.device("cpu"))
 
 
@@ -156,5 +156,5 @@ def test_too_little_data_for_one_batch_is_a_clear_error(abstracts, tiny_gpt2):
     from adaptflow.errors import DataError
 
     blocks = torch.zeros(3, 32, dtype=torch.long)
-    with pytest.raises(DataError, match="only 3 training block"):
-        BlockSampler(blocks, 8, 0)
+    with pytest.raises(DataError, match="only 3 training item"):
+        BatchSampler(blocks, 8, 0)

@@ -25,7 +25,7 @@ from adaptflow.objectives.mlm import split_mlm_head
 from adaptflow.refs import CheckpointRef, DatasetRef
 from adaptflow.tokenize import mix_replay, pack_blocks, tokenize_corpus
 from adaptflow.train import (
-    BlockSampler,
+    BatchSampler,
     LoopSettings,
     MetricsSink,
     latest_training_state,
@@ -95,7 +95,7 @@ def run_pretrain(
     if eval_blocks is not None and len(eval_blocks) == 0:
         log.warning("validation split of %s is shorter than one block: no held-out evaluation", train_data.name)
         eval_blocks = None
-    sampler = BlockSampler(blocks, config.batch_size, seed)
+    sampler = BatchSampler(blocks, config.batch_size, seed)
     log_metrics(0, {
         "domain_blocks": len(domain_blocks),
         "replay_blocks": len(blocks) - len(domain_blocks),

@@ -1,0 +1,33 @@
+"""Single-label sequence classification (binary or multi-class; optional text pairs)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adaptflow.objectives.padding import model_inputs, pad_batch
+
+
+class SequenceClassification:
+    name = "classification"
+
+    def __init__(self, pad_id: int, class_weights: torch.Tensor | None = None):
+        self.pad_id = pad_id
+        self.class_weights = class_weights
+
+    def collate(self, items: list[dict], generator: torch.Generator | None = None) -> dict:
+        batch = pad_batch(items, self.pad_id)
+        batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
+        batch["n_targets"] = len(items)
+        return batch
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        logits = model(**model_inputs(batch)).logits
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device, logits.dtype)
+        return F.cross_entropy(logits, batch["labels"], weight=weight, reduction="sum")
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, batch: dict) -> tuple[list, list, torch.Tensor]:
+        """(predicted ids, gold ids, class probabilities) for one batch."""
+        probs = model(**model_inputs(batch)).logits.float().softmax(-1)
+        return probs.argmax(-1).tolist(), batch["labels"].tolist(), probs.cpu()

@@ -1,0 +1,362 @@
+"""Task fine-tuning: sequence classification, NER or instruction SFT, with one strategy per recipe.
+
+    run_finetune(config, task=TaskSplits, base=CheckpointRef, seed=..., work_dir=...) -> FinetuneResult
+
+The stage starts from the previous stage's checkpoint (its LM head dropped, a task head initialised from the
+seed), trains on the task's training split with dynamic padding and length-grouped batches, evaluates the
+validation split (early stopping, restore-best), then reports test metrics and writes a Hugging Face
+checkpoint; PEFT results are saved both as the adapter alone (`adapter/`) and merged into the full model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaptflow.config import FinetuneConfig
+from adaptflow.data import load_texts
+from adaptflow.errors import ConfigError, DataError
+from adaptflow.labelled import TaskSplits, load_records
+from adaptflow.lineage import stage_cache_key, stage_lineage
+from adaptflow.metrics import (
+    classification_metrics,
+    classification_report,
+    expected_calibration_error,
+    ner_metrics,
+    ner_report,
+    plot_confusion_matrix,
+)
+from adaptflow.models import load_model, load_task_model, save_checkpoint
+from adaptflow.objectives import build_objective
+from adaptflow.objectives.classification import SequenceClassification
+from adaptflow.objectives.sft import InstructionSFT, encode_sft
+from adaptflow.objectives.token_classification import TokenClassification, align_labels
+from adaptflow.peft import apply_strategy, layerwise_lr_groups, param_groups, trainable_fraction
+from adaptflow.refs import CheckpointRef, DatasetRef
+from adaptflow.regularizers import AnchorPenalty, anchored_parameters, diagonal_fisher
+from adaptflow.tokenize import pack_blocks, tokenize_corpus
+from adaptflow.train import BatchSampler, EarlyStopping, LoopSettings, MetricsSink, pick_device, train
+
+log = logging.getLogger(__name__)
+STAGE = "finetune"
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """The checkpoint, its metrics (`val_*` of the kept weights, `test_*`) and report files to keep."""
+
+    checkpoint: CheckpointRef
+    seed: int
+    metrics: dict[str, float]
+    selection_metric: str
+    selection_mode: str
+    reports: tuple[str, ...] = ()
+
+    @property
+    def selection_value(self) -> float:
+        return self.metrics[f"val_{self.selection_metric}"]
+
+
+def selection(config: FinetuneConfig, kind: str) -> tuple[str, str]:
+    """The validation metric (and direction) that early stopping and seed selection use."""
+    if config.early_stopping is not None:
+        return config.early_stopping.metric, config.early_stopping.mode
+    return ("loss", "min") if kind == "sft" else ("macro_f1", "max")
+
+
+def finetune_cache_key(config: FinetuneConfig, base: CheckpointRef, task: TaskSplits, seed: int) -> str:
+    splits = [d for d in (task.train, task.validation, task.test) if d is not None]
+    settings = config.model_dump(mode="json", exclude={"seeds", "select_seed"}) | {"seed": seed}
+    return stage_cache_key(STAGE, settings, base.digest, splits)
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    *,
+    task: TaskSplits,
+    base: CheckpointRef,
+    work_dir: str | Path,
+    seed: int = 0,
+    fisher_data: DatasetRef | None = None,
+    mlflow_run_id: str | None = None,
+    build_run_id: str | None = None,
+    log_metrics: MetricsSink | None = None,
+    progress: bool = False,
+    trust_remote_code: bool = False,
+) -> FinetuneResult:
+    log_metrics = log_metrics or (lambda step, metrics: None)
+    kind = task.kind
+    key = finetune_cache_key(config, base, task, seed)
+    stage_dir = Path(work_dir) / f"{STAGE}-{key}"
+    labels = list(task.labels)
+
+    model, tokenizer = load_task_model(
+        base, kind, labels, seed=seed, dropout=config.dropout, trust_remote_code=trust_remote_code
+    )
+    pretrained_names = _pretrained_parameter_names(base.uri)
+    train_records = load_records(task.train)
+    train_items = encode(train_records, kind, tokenizer, config, labels)
+    val_items = encode(load_records(task.validation), kind, tokenizer, config, labels) if task.validation else None
+    test_items = encode(load_records(task.test), kind, tokenizer, config, labels) if task.test else None
+    objective = _objective(kind, tokenizer, labels, config, train_items)
+
+    steps_per_epoch = max(1, len(train_items) // (config.batch_size * config.grad_accum_steps))
+    max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    new_parameters = {n for n, _ in model.named_parameters() if n not in pretrained_names}
+    strategy = apply_strategy(
+        model, config.strategy, kind=kind, peft_config=config.peft, adapter_reduction=config.adapter_reduction,
+        unfreeze_every=config.unfreeze_every, total_steps=max_steps, new_parameters=new_parameters,
+    )
+    model = strategy.model
+    device = pick_device()
+    model.to(device)
+    fisher_texts = None
+    if config.regularizer is not None and config.regularizer.type == "ewc":
+        fisher_texts = load_texts(fisher_data) if fisher_data is not None else _texts_of(train_records, kind)
+    regularizer = _regularizer(config, model, pretrained_names, base, fisher_texts, device, seed)
+
+    if config.layerwise_lr_decay:
+        groups = layerwise_lr_groups(model, config.lr, config.layerwise_lr_decay, config.head_lr, config.weight_decay)
+    else:
+        groups = param_groups(model.parameters(), config.lr, config.weight_decay, name="model")
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, **({"fused": True} if device.type == "cuda" else {}))
+
+    sampler = BatchSampler(
+        train_items, config.batch_size, seed,
+        lengths=[len(item["input_ids"]) for item in train_items] if config.group_by_length else None,
+        weights=_balanced_weights(train_items) if config.sampler == "balanced" else None,
+    )
+    metric, mode = selection(config, kind)
+    early = None
+    if config.early_stopping is not None:
+        es = config.early_stopping
+        early = EarlyStopping(f"val_{es.metric}", mode=es.mode, patience=es.patience, restore_best=es.restore_best)
+    log_metrics(0, {"trainable_fraction": trainable_fraction(model), "train_examples": len(train_items),
+                    "max_steps": max_steps})
+
+    def validate() -> dict[str, float]:
+        scores, _ = score(model, objective, val_items, kind, labels, batch_size=config.batch_size * 2, device=device)
+        return {f"val_{k}": v for k, v in scores.items()}
+
+    result = train(
+        model, objective, sampler, optimizer,
+        LoopSettings(
+            max_steps=max_steps, grad_accum_steps=config.grad_accum_steps, max_grad_norm=config.max_grad_norm,
+            bf16=config.bf16, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
+            log_every=config.log_every, eval_every=(config.eval_every or steps_per_epoch) if val_items else 0,
+            seed=seed, progress=progress, description=f"{STAGE} seed {seed}",
+        ),
+        device=device,
+        step_hooks=strategy.step_hooks,
+        post_step_hooks=strategy.post_step_hooks,
+        regularizer=regularizer,
+        evaluate=validate if val_items else None,
+        early_stopping=early,
+        log_metrics=log_metrics,
+    )
+
+    metrics: dict[str, float] = {"steps": float(result.steps)}
+    if val_items:
+        metrics |= validate()
+    reports_dir = stage_dir / "reports"
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    reports: list[str] = []
+    if test_items:
+        scores, report = score(model, objective, test_items, kind, labels, batch_size=config.batch_size * 2,
+                               device=device, with_report=True)
+        metrics |= {f"test_{k}": v for k, v in scores.items()}
+        report_path = reports_dir / "test_report.json"
+        report_path.write_text(json.dumps(report, indent=2, default=_plain))
+        reports.append(str(report_path))
+        if kind == "classification":
+            reports.append(str(plot_confusion_matrix(report["confusion_matrix"], labels,
+                                                     reports_dir / "confusion_matrix.png")))
+    log_metrics(result.steps, {k: v for k, v in metrics.items() if k.startswith("test_")})
+
+    lineage = stage_lineage(
+        STAGE,
+        config=config.model_dump(mode="json") | {"seed": seed, "kind": kind, "labels": labels},
+        cache_key=key, input_checkpoint=base,
+        datasets=[d for d in (task.train, task.validation, task.test) if d is not None],
+        mlflow_run_id=mlflow_run_id, build_run_id=build_run_id,
+    ) | {"strategy": config.strategy, "metrics": metrics}
+    final = stage_dir / "final"
+    model.cpu()
+    if strategy.is_peft:
+        adapter_dir = stage_dir / "adapter"
+        model.save_pretrained(adapter_dir)
+        model = model.merge_and_unload()
+        lineage["adapter_dir"] = str(adapter_dir)
+    digest = save_checkpoint(model, tokenizer, final, lineage=lineage)
+    if strategy.is_peft:
+        # The adapter alone sits beside the merged model, inside the checkpoint directory.
+        (final / "adapter").mkdir()
+        for f in Path(stage_dir / "adapter").iterdir():
+            f.replace(final / "adapter" / f.name)
+        Path(stage_dir / "adapter").rmdir()
+    return FinetuneResult(
+        checkpoint=CheckpointRef(uri=str(final), digest=digest, stage=STAGE, mlflow_run_id=mlflow_run_id),
+        seed=seed, metrics=metrics, selection_metric=metric, selection_mode=mode, reports=tuple(reports),
+    )
+
+
+def aggregate_seeds(results: list[FinetuneResult]) -> dict[str, float]:
+    """`finetune.<metric>_mean` and `_std` (sample std; 0 for one seed) of every shared val/test metric."""
+    out = {}
+    shared = set.intersection(*(set(r.metrics) for r in results))
+    for name in sorted(k for k in shared if k.startswith(("val_", "test_"))):
+        values = [r.metrics[name] for r in results]
+        out[f"finetune.{name}_mean"] = statistics.fmean(values)
+        out[f"finetune.{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def choose_seed(results: list[FinetuneResult], select: str | int) -> FinetuneResult:
+    if select != "best":
+        return next(r for r in results if r.seed == select)
+    sign = 1 if results[0].selection_mode == "max" else -1
+    return max(results, key=lambda r: sign * r.selection_value)
+
+
+def encode(records: list[dict], kind: str, tokenizer, config: FinetuneConfig, labels: list[str]) -> list[dict]:
+    """Tokenise a split once, in batches, into model-ready items (truncated to max_length)."""
+    if kind == "sft":
+        return [encode_sft(tokenizer, r["prompt"], r["response"], template=config.prompt_template,
+                           max_length=config.max_length) for r in records]
+    index = {label: i for i, label in enumerate(labels)}
+    if kind == "ner":
+        enc = tokenizer([r["tokens"] for r in records], is_split_into_words=True, truncation=True,
+                        max_length=config.max_length)
+        items = []
+        for i, record in enumerate(records):
+            tags = [index[t] for t in record["tags"]]
+            items.append({"input_ids": enc["input_ids"][i], "labels": align_labels(enc.word_ids(i), tags)})
+        return items
+    pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
+    enc = tokenizer([r["text"] for r in records], pairs, truncation=True, max_length=config.max_length)
+    items = []
+    for i, record in enumerate(records):
+        item = {"input_ids": enc["input_ids"][i], "label": index[record["label"]]}
+        if "token_type_ids" in enc:
+            item["token_type_ids"] = enc["token_type_ids"][i]
+        items.append(item)
+    return items
+
+
+@torch.no_grad()
+def score(model, objective, items, kind, labels, *, batch_size: int, device, with_report: bool = False):
+    """Metrics (and optionally a report) of `model` on `items`: sklearn/seqeval scores, or LM loss for SFT."""
+    model.eval()
+    total, targets = 0.0, 0
+    gold, predicted, probabilities = [], [], []
+    for start in range(0, len(items), batch_size):
+        batch = objective.collate(items[start : start + batch_size], None)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        total += float(objective.loss(model, batch))
+        targets += batch["n_targets"]
+        if kind != "sft":
+            p, g, probs = objective.predict(model, batch)
+            predicted += p
+            gold += g
+            if probs is not None:
+                probabilities.append(probs)
+    model.train()
+    loss = total / max(1, targets)
+    if kind == "sft":
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700))}, {"loss": loss}
+    if kind == "ner":
+        scores = ner_metrics(gold, predicted) | {"loss": loss}
+        return scores, (ner_report(gold, predicted) if with_report else None)
+    probs = torch.cat(probabilities).numpy()
+    scores = classification_metrics(gold, predicted, labels) | {
+        "loss": loss, "ece": expected_calibration_error(probs, gold)}
+    return scores, (classification_report(gold, predicted, labels) if with_report else None)
+
+
+def _objective(kind: str, tokenizer, labels: list[str], config: FinetuneConfig, train_items: list[dict]):
+    pad = tokenizer.pad_token_id
+    if kind == "sft":
+        return InstructionSFT(pad)
+    if kind == "ner":
+        return TokenClassification(pad, labels)
+    weights = None
+    if config.class_weights == "balanced":
+        counts = Counter(item["label"] for item in train_items)
+        weights = torch.tensor([len(train_items) / (len(labels) * max(1, counts[i])) for i in range(len(labels))])
+    return SequenceClassification(pad, class_weights=weights)
+
+
+def _balanced_weights(items: list[dict]) -> torch.Tensor:
+    if "label" not in items[0]:
+        raise ConfigError("stages.finetune.sampler: balanced needs single-label examples (classification)")
+    counts = Counter(item["label"] for item in items)
+    return torch.tensor([1.0 / counts[item["label"]] for item in items], dtype=torch.double)
+
+
+def _pretrained_parameter_names(checkpoint: str) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in Path(checkpoint).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def _texts_of(records: list[dict], kind: str) -> list[str]:
+    if kind == "ner":
+        return [" ".join(r["tokens"]) for r in records]
+    if kind == "sft":
+        return [f"{r['prompt']} {r['response']}" for r in records]
+    return [r["text"] for r in records]
+
+
+def _regularizer(config, model, pretrained_names, base, fisher_texts, device, seed):
+    reg = config.regularizer
+    if reg is None:
+        return None
+    params = anchored_parameters(model, pretrained_names)
+    if not any(p.requires_grad for p in params.values()):
+        raise ConfigError(
+            f"stages.finetune.regularizer: with strategy {config.strategy!r} no pretrained weight trains, "
+            "so there is nothing to hold in place; use strategy full or gradual_unfreezing, or drop the regularizer"
+        )
+    importance = None
+    if reg.type == "ewc":
+        importance = _fisher_for(params, base, fisher_texts, device, seed, reg.fisher_batches)
+    log.info("%s regulariser on %d pretrained tensors, strength %g", reg.type, len(params), reg.strength)
+    return AnchorPenalty(params, reg.strength, importance)
+
+
+def _fisher_for(params, base, texts, device, seed, n_batches):
+    """Diagonal Fisher of the starting checkpoint's own LM loss, mapped onto the task model's parameter names."""
+    from adaptflow.models import infer_objective
+    from adaptflow.regularizers import base_name
+
+    objective_name = infer_objective(base.uri)
+    lm_model, lm_tokenizer = load_model(base, objective_name, seed=seed)
+    lm_model.to(device)
+    objective = build_objective(objective_name, lm_tokenizer)
+    blocks = pack_blocks(tokenize_corpus(texts, lm_tokenizer, objective=objective_name), 128)
+    if len(blocks) == 0:
+        raise DataError("EWC: the Fisher text (regularizer.fisher_corpus) is shorter than one 128-token block")
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for start in range(0, min(len(blocks), 8 * n_batches), 8):
+        batch = objective.collate(blocks[start : start + 8], g)
+        batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    fisher = diagonal_fisher(lm_model, objective.loss, batches)
+    ones = {n: torch.ones_like(p) for n, p in params.items()}
+    return {n: fisher.get(base_name(n), ones[n]) for n in params}
+
+
+def _plain(value):
+    """JSON for numpy scalars in library reports (seqeval's supports are int64)."""
+    return value.item() if hasattr(value, "item") else str(value)

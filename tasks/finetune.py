@@ -1,0 +1,70 @@
+"""Task fine-tuning as Prefect tasks: one MLflow child run per seed, then seed selection and aggregation."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from adaptflow.refs import CheckpointRef
+from adaptflow.stages.finetune import (
+    STAGE,
+    FinetuneResult,
+    aggregate_seeds,
+    choose_seed,
+    finetune_cache_key,
+    run_finetune,
+)
+from adaptflow.tracking import log_dataset, log_directory, metrics_logger
+from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+from tasks.prepare import PreparedInputs
+
+
+@task(name="finetune", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE, task_run_name="finetune-seed{seed}")
+def finetune(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs, seed: int) -> FinetuneResult:
+    config = ctx.recipe.stages.finetune
+    splits = data.tasks[config.task]
+    fisher = None
+    if config.regularizer is not None and config.regularizer.fisher_corpus != "task":
+        fisher = data.corpora[config.regularizer.fisher_corpus].train
+    tags = {
+        "adaptflow.cache_key": finetune_cache_key(config, base, splits, seed),
+        "adaptflow.input_checkpoint.uri": base.uri,
+        "adaptflow.input_checkpoint.digest": base.digest,
+        "adaptflow.task": config.task,
+        "adaptflow.seed": seed,
+    }
+    params = config.model_dump(mode="json", exclude={"seeds"}) | {"seed": seed, "kind": splits.kind}
+    with stage_run(ctx, f"{STAGE}-seed{seed}", params=params, tags=tags) as (client, run_id):
+        for split in ("train", "validation", "test"):
+            if (ref := getattr(splits, split)) is not None:
+                log_dataset(client, run_id, ref, context=split)
+        result = run_finetune(
+            config, task=splits, base=base, work_dir=ctx.workdir / "stages", seed=seed, fisher_data=fisher,
+            mlflow_run_id=run_id, build_run_id=ctx.build_run_id, log_metrics=metrics_logger(client, run_id),
+            progress=ctx.progress, trust_remote_code=ctx.recipe.model.trust_remote_code,
+        )
+        metrics_logger(client, run_id)(int(result.metrics["steps"]), result.metrics)
+        for report in result.reports:
+            client.log_artifact(run_id, report, artifact_path="reports")
+        artifact_uri = log_directory(client, run_id, result.checkpoint.uri, "checkpoint")
+        client.set_tag(run_id, "adaptflow.checkpoint.uri", result.checkpoint.uri)
+        client.set_tag(run_id, "adaptflow.checkpoint.artifact_uri", artifact_uri)
+        client.set_tag(run_id, "adaptflow.checkpoint.digest", result.checkpoint.digest)
+        return result
+
+
+@task(name="select-seed", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def select_seed(ctx: BuildContext, results: list[FinetuneResult]) -> CheckpointRef:
+    """Log mean ± std of every metric over seeds on the build run; pass on the chosen seed's checkpoint."""
+    config = ctx.recipe.stages.finetune
+    summary = aggregate_seeds(results)
+    chosen = choose_seed(results, config.select_seed)
+    summary |= {"finetune.selected_seed": chosen.seed}
+    metrics_logger(ctx.tracking.client(), ctx.build_run_id)(0, summary)
+    client = ctx.tracking.client()
+    client.set_tag(ctx.build_run_id, "adaptflow.finetune.selected_run_id", chosen.checkpoint.mlflow_run_id)
+    client.set_tag(ctx.build_run_id, "adaptflow.finetune.selection",
+                   f"{chosen.selection_mode} val_{chosen.selection_metric}")
+    return chosen.checkpoint
