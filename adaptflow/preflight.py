@@ -22,6 +22,16 @@ def preflight_problems(recipe: Recipe) -> list[str]:
                 )
         except DataError as err:
             problems.append(f"corpora.{name}.path: {err}")
+    for name in recipe.used_tasks():
+        task = recipe.tasks[name]
+        for split in ("train", "validation", "test"):
+            paths = getattr(task, split)
+            for uri in [paths] if isinstance(paths, str) else paths or []:
+                try:
+                    if not exists(uri):
+                        problems.append(f"tasks.{name}.{split}: not found: {uri}")
+                except DataError as err:
+                    problems.append(f"tasks.{name}.{split}: {err}")
     if recipe.model.path is not None:
         path = Path(recipe.model.path)
         if not path.is_dir():

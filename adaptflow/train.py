@@ -41,6 +41,7 @@ class LoopSettings:
     seed: int = 0
     progress: bool = False
     description: str = "train"
+    eval_at_start: bool = True  # a "before" point for the curve; pointless when the head starts random
 
 
 @dataclass
@@ -49,6 +50,7 @@ class LoopResult:
     tokens: int
     seconds: float
     last_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # of the weights the model ends with
 
 
 class BatchSampler:
@@ -104,6 +106,7 @@ class EarlyStopping:
     def __init__(self, metric: str, *, mode: str = "max", patience: int = 3, restore_best: bool = True):
         self.metric, self.mode, self.patience, self.restore_best = metric, mode, patience, restore_best
         self.best: float | None = None
+        self.best_metrics: dict[str, float] = {}
         self.best_step = 0
         self.bad_evals = 0
         self._best_state: dict[str, torch.Tensor] | None = None
@@ -116,16 +119,20 @@ class EarlyStopping:
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if better:
             self.best, self.best_step, self.bad_evals = value, step, 0
+            self.best_metrics = dict(metrics)
             if self.restore_best:
                 self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             self.bad_evals += 1
         return self.bad_evals >= self.patience
 
-    def restore(self, model: torch.nn.Module) -> None:
-        if self.restore_best and self._best_state is not None:
-            model.load_state_dict(self._best_state)
-            log.info("restored the best weights (step %d, %s = %.4f)", self.best_step, self.metric, self.best)
+    def restore(self, model: torch.nn.Module) -> bool:
+        """Load the best weights back into `model` (if asked to keep them); True if it did."""
+        if not (self.restore_best and self._best_state is not None):
+            return False
+        model.load_state_dict(self._best_state)
+        log.info("restored the best weights (step %d, %s = %.4f)", self.best_step, self.metric, self.best)
+        return True
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup_ratio: float, start: int = 0) -> float:
@@ -175,8 +182,10 @@ def train(
         group.setdefault("initial_lr", group["lr"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
     model.train()
-    if evaluate is not None and settings.eval_every and start_step == 0:
-        log_metrics(0, evaluate())
+    eval_metrics: dict[str, float] = {}
+    if evaluate is not None and settings.eval_every and settings.eval_at_start and start_step == 0:
+        eval_metrics = evaluate()
+        log_metrics(0, eval_metrics)
         model.train()
 
     window_loss = torch.zeros((), device=device)
@@ -257,20 +266,21 @@ def train(
             if evaluate is not None and settings.eval_every and (
                 done % settings.eval_every == 0 or done == settings.max_steps
             ):
-                metrics = evaluate()
-                log_metrics(done, metrics)
+                eval_metrics = evaluate()
+                log_metrics(done, eval_metrics)
                 model.train()
-                if early_stopping is not None and early_stopping.update(done, metrics, model):
+                if early_stopping is not None and early_stopping.update(done, eval_metrics, model):
                     log.info("early stopping at step %d: no %s improvement in %d evaluations",
                              done, early_stopping.metric, early_stopping.patience)
                     break
-    if early_stopping is not None:
-        early_stopping.restore(model)
+    if early_stopping is not None and early_stopping.restore(model):
+        eval_metrics = early_stopping.best_metrics
     return LoopResult(
         steps=done - start_step,
         tokens=tokens_total,
         seconds=time.perf_counter() - started,
         last_metrics=last,
+        eval_metrics=eval_metrics,
     )
 
 

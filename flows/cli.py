@@ -109,6 +109,17 @@ def _print_summary(summary: dict) -> None:
         table.add_row(name, stage["run_id"], stage["status"], stage.get("checkpoint_uri") or "")
     out.print(table)
     metrics = summary["metrics"]
+    task_metrics = sorted(k.removeprefix("finetune.test_").removesuffix("_mean")
+                          for k in metrics if k.startswith("finetune.test_") and k.endswith("_mean"))
+    if task_metrics:
+        seeds = sum(1 for name in summary["stages"] if name.startswith("finetune-seed"))
+        table = Table(title=f"task metrics (test set, mean ± std over {seeds} seed(s))")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name in task_metrics:
+            mean, std = metrics[f"finetune.test_{name}_mean"], metrics[f"finetune.test_{name}_std"]
+            table.add_row(name, f"{mean:.4f} ± {std:.4f}")
+        out.print(table)
     corpora = sorted({k.rsplit("_perplexity_", 1)[0] for k in metrics if "_perplexity_" in k})
     if corpora:
         ppl = Table(title="perplexity (held-out, fixed masks)")

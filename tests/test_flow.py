@@ -23,6 +23,9 @@ def run_build(tmp_path, overrides, *extra):
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
+    if "stages.finetune.enabled=false" not in overrides:
+        assert "task metrics (test set, mean ± std over 2 seed(s))" in result.output
+        assert "macro_f1" in result.output and "micro_f1" in result.output
     return json.loads(summary_path.read_text()), MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
@@ -30,7 +33,7 @@ def test_tiny_build_end_to_end_is_tracked_with_lineage(tmp_path, tiny_overrides)
     summary, client = run_build(tmp_path, tiny_overrides)
 
     assert summary["domain"] == "tiny" and summary["status"] == "FINISHED"
-    assert list(summary["stages"]) == ["prepare", "pretrain", "evaluate"]
+    assert list(summary["stages"]) == ["prepare", "pretrain", "finetune-seed1", "finetune-seed2", "evaluate"]
     parent = client.get_run(summary["build_run_id"])
     assert parent.data.tags["adaptflow.trigger"] == "manual"
     assert len(parent.data.tags["adaptflow.recipe_digest"]) == 16
@@ -68,7 +71,20 @@ def test_tiny_build_end_to_end_is_tracked_with_lineage(tmp_path, tiny_overrides)
     assert lineage["mlflow_run_id"] == pretrain.info.run_id
     assert lineage["build_run_id"] == summary["build_run_id"]
 
+    for seed in (1, 2):
+        run = client.get_run(summary["stages"][f"finetune-seed{seed}"]["run_id"])
+        assert run.data.tags["adaptflow.input_checkpoint.digest"] == pretrain.data.tags["adaptflow.checkpoint.digest"]
+        assert {"test_macro_f1", "test_micro_f1", "val_macro_f1", "loss"} <= set(run.data.metrics)
+        assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"chemprot/train", "chemprot/validation",
+                                                                       "chemprot/test"}
+        reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+        assert reports == {"reports/test_report.json", "reports/confusion_matrix.png"}
+        chain = json.loads(open(client.download_artifacts(run.info.run_id, "checkpoint/lineage.json")).read())
+        assert [link["stage"] for link in chain["chain"]] == ["base", "pretrain"]
     metrics = summary["metrics"]
+    selected = int(metrics["finetune.selected_seed"])
+    assert parent.data.tags["adaptflow.finetune.selected_run_id"] == summary["stages"][f"finetune-seed{selected}"]["run_id"]
+    assert {"finetune.test_macro_f1_mean", "finetune.test_macro_f1_std", "finetune.test_micro_f1_mean"} <= set(metrics)
     assert metrics["domain_perplexity_after"] < metrics["domain_perplexity_before"]
     assert {"general_perplexity_before", "general_perplexity_after", "general_perplexity_change_pct"} <= set(metrics)
 
@@ -78,7 +94,8 @@ def test_build_reads_corpora_from_s3(tmp_path, tiny_overrides, s3_env, s3_client
     s3_client.upload_file(str(DATA_ROOT / "biomedical/unlabelled_ncbi_abstracts/abstracts.jsonl"), bucket,
                           "corpora/abstracts.jsonl")
     overrides = [*tiny_overrides, f"corpora.domain.path=s3://{bucket}/corpora/abstracts.jsonl",
-                 "stages.pretrain.max_steps=4", "stages.pretrain.eval_every=0", "evaluation.corpora=[domain]"]
+                 "stages.pretrain.max_steps=4", "stages.pretrain.eval_every=0", "evaluation.corpora=[domain]",
+                 "stages.finetune.enabled=false"]
     summary, client = run_build(tmp_path, overrides)
     assert summary["status"] == "FINISHED"
     prepare = client.get_run(summary["stages"]["prepare"]["run_id"])

@@ -22,12 +22,13 @@ class SequenceClassification:
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        logits = model(**model_inputs(batch)).logits
+        return self.loss_from_logits(model(**model_inputs(batch)).logits, batch)
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         weight = None if self.class_weights is None else self.class_weights.to(logits.device, logits.dtype)
         return F.cross_entropy(logits, batch["labels"], weight=weight, reduction="sum")
 
-    @torch.no_grad()
-    def predict(self, model: torch.nn.Module, batch: dict) -> tuple[list, list, torch.Tensor]:
+    def predict(self, logits: torch.Tensor, batch: dict) -> tuple[list, list, torch.Tensor]:
         """(predicted ids, gold ids, class probabilities) for one batch."""
-        probs = model(**model_inputs(batch)).logits.float().softmax(-1)
+        probs = logits.float().softmax(-1)
         return probs.argmax(-1).tolist(), batch["labels"].tolist(), probs.cpu()

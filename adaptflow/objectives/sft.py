@@ -32,6 +32,8 @@ class InstructionSFT:
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        logits = model(**model_inputs(batch)).logits[:, :-1]
+        return self.loss_from_logits(model(**model_inputs(batch)).logits, batch)
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         targets = batch["labels"][:, 1:]
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -31,13 +31,14 @@ class TokenClassification:
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        logits = model(**model_inputs(batch)).logits
+        return self.loss_from_logits(model(**model_inputs(batch)).logits, batch)
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
 
-    @torch.no_grad()
-    def predict(self, model: torch.nn.Module, batch: dict) -> tuple[list, list, None]:
+    def predict(self, logits: torch.Tensor, batch: dict) -> tuple[list, list, None]:
         """Per example, the predicted and gold tag sequences over the labelled (first) sub-tokens."""
-        predicted = model(**model_inputs(batch)).logits.argmax(-1).cpu()
+        predicted = logits.argmax(-1).cpu()
         gold = batch["labels"].cpu()
         preds, golds = [], []
         for p, g in zip(predicted, gold, strict=True):

@@ -46,6 +46,7 @@ from adaptflow.train import BatchSampler, EarlyStopping, LoopSettings, MetricsSi
 
 log = logging.getLogger(__name__)
 STAGE = "finetune"
+EVAL_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,12 @@ def run_finetune(
     if config.layerwise_lr_decay:
         groups = layerwise_lr_groups(model, config.lr, config.layerwise_lr_decay, config.head_lr, config.weight_decay)
     else:
-        groups = param_groups(model.parameters(), config.lr, config.weight_decay, name="model")
+        # Newly initialised weights (the head) may learn faster than the pretrained body.
+        named = list(model.named_parameters())
+        groups = param_groups([p for n, p in named if n not in new_parameters], config.lr, config.weight_decay,
+                              name="body")
+        groups += param_groups([p for n, p in named if n in new_parameters], config.head_lr or config.lr,
+                               config.weight_decay, name="head")
     optimizer = torch.optim.AdamW(groups, lr=config.lr, **({"fused": True} if device.type == "cuda" else {}))
 
     sampler = BatchSampler(
@@ -142,7 +148,7 @@ def run_finetune(
                     "max_steps": max_steps})
 
     def validate() -> dict[str, float]:
-        scores, _ = score(model, objective, val_items, kind, labels, batch_size=config.batch_size * 2, device=device)
+        scores, _ = score(model, objective, val_items, kind, labels, batch_size=EVAL_BATCH, device=device)
         return {f"val_{k}": v for k, v in scores.items()}
 
     result = train(
@@ -151,7 +157,7 @@ def run_finetune(
             max_steps=max_steps, grad_accum_steps=config.grad_accum_steps, max_grad_norm=config.max_grad_norm,
             bf16=config.bf16, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
             log_every=config.log_every, eval_every=(config.eval_every or steps_per_epoch) if val_items else 0,
-            seed=seed, progress=progress, description=f"{STAGE} seed {seed}",
+            seed=seed, progress=progress, description=f"{STAGE} seed {seed}", eval_at_start=False,
         ),
         device=device,
         step_hooks=strategy.step_hooks,
@@ -162,14 +168,13 @@ def run_finetune(
         log_metrics=log_metrics,
     )
 
-    metrics: dict[str, float] = {"steps": float(result.steps)}
-    if val_items:
-        metrics |= validate()
+    # Validation scores of the weights kept (the best ones when early stopping restored them).
+    metrics: dict[str, float] = {"steps": float(result.steps), **result.eval_metrics}
     reports_dir = stage_dir / "reports"
     reports_dir.mkdir(parents=True, exist_ok=True)
     reports: list[str] = []
     if test_items:
-        scores, report = score(model, objective, test_items, kind, labels, batch_size=config.batch_size * 2,
+        scores, report = score(model, objective, test_items, kind, labels, batch_size=EVAL_BATCH,
                                device=device, with_report=True)
         metrics |= {f"test_{k}": v for k, v in scores.items()}
         report_path = reports_dir / "test_report.json"
@@ -252,17 +257,24 @@ def encode(records: list[dict], kind: str, tokenizer, config: FinetuneConfig, la
 
 @torch.no_grad()
 def score(model, objective, items, kind, labels, *, batch_size: int, device, with_report: bool = False):
-    """Metrics (and optionally a report) of `model` on `items`: sklearn/seqeval scores, or LM loss for SFT."""
+    """Metrics (and optionally a report) of `model` on `items`: sklearn/seqeval scores, or LM loss for SFT.
+
+    One forward pass per batch, batches of similar length (sorted), so evaluation pads almost nothing.
+    """
+    from adaptflow.objectives.padding import model_inputs
+
     model.eval()
     total, targets = 0.0, 0
     gold, predicted, probabilities = [], [], []
-    for start in range(0, len(items), batch_size):
-        batch = objective.collate(items[start : start + batch_size], None)
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        batch = objective.collate([items[i] for i in order[start : start + batch_size]], None)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        total += float(objective.loss(model, batch))
+        logits = model(**model_inputs(batch)).logits
+        total += float(objective.loss_from_logits(logits, batch))
         targets += batch["n_targets"]
         if kind != "sft":
-            p, g, probs = objective.predict(model, batch)
+            p, g, probs = objective.predict(logits, batch)
             predicted += p
             gold += g
             if probs is not None:
