@@ -113,7 +113,7 @@ def _print_summary(summary: dict) -> None:
                           for k in metrics if k.startswith("finetune.test_") and k.endswith("_mean"))
     if task_metrics:
         seeds = sum(1 for name in summary["stages"] if name.startswith("finetune-seed"))
-        table = Table(title=f"task metrics (test set, mean ± std over {seeds} seed(s))")
+        table = Table(title=f"task metrics (test set, mean ± std over {seeds} seed(s))", min_width=56)
         table.add_column("metric")
         table.add_column("value", justify="right")
         for name in task_metrics:
