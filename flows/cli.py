@@ -33,8 +33,9 @@ def validate(recipe: Path, overrides: SetOption = None) -> None:
     """Check a recipe and its inputs; list every problem and exit non-zero if there is any."""
     loaded = _load_or_exit(recipe, overrides or [])
     stages = ", ".join(loaded.enabled_stages()) or "none"
+    tasks = f"; tasks: {', '.join(loaded.used_tasks())}" if loaded.used_tasks() else ""
     console.print(f"[green]ok[/green] {recipe}: domain {loaded.domain}; stages: {stages}; "
-                  f"corpora: {', '.join(loaded.used_corpora())}")
+                  f"corpora: {', '.join(loaded.used_corpora())}{tasks}", soft_wrap=True)
 
 
 @app.command()
