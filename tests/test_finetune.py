@@ -258,3 +258,68 @@ def test_seeds_are_aggregated_and_the_best_one_is_chosen(tmp_path, chemprot, bas
     assert summary["finetune.test_macro_f1_std"] == pytest.approx(0.1)
     assert choose_seed(results, "best").seed == 2
     assert choose_seed(results, 3).seed == 3
+
+
+def test_layerwise_lr_decay_gives_lower_layers_smaller_rates(base):
+    from adaptflow.peft import layerwise_lr_groups
+
+    model, _ = load_task_model(base, "classification", CHEMPROT_LABELS)
+    groups = layerwise_lr_groups(model, lr=1e-3, decay=0.5, head_lr=1e-2, weight_decay=0.01)
+    rate = {g["name"]: g["lr"] for g in groups}
+    assert rate == {"layer0": 1e-3 * 0.25, "layer1": 1e-3 * 0.5, "layer2": 1e-3, "head": 1e-2}
+    covered = {id(p) for g in groups for p in g["params"]}
+    assert covered == {id(p) for p in model.parameters()}
+    embeddings = next(g for g in groups if g["name"] == "layer0")["params"]
+    assert any(p is model.bert.embeddings.word_embeddings.weight for p in embeddings)
+
+
+def test_layerwise_lr_decay_in_a_stage_learns(tmp_path, chemprot, base):
+    _, losses = finetune(tmp_path, chemprot, base, layerwise_lr_decay=0.8)
+    assert learned(losses)
+
+
+def test_balanced_class_weights_and_sampler(tmp_path, chemprot, base):
+    from collections import Counter
+
+    from adaptflow.labelled import load_records
+    from adaptflow.stages.finetune import _balanced_weights, _objective
+    from adaptflow.train import BatchSampler
+
+    counts = Counter(r["label"] for r in load_records(chemprot.train))
+    items = [{"label": CHEMPROT_LABELS.index(r["label"]), "input_ids": [1]} for r in load_records(chemprot.train)]
+    objective = _objective("classification", AutoTokenizer.from_pretrained(base.uri), CHEMPROT_LABELS,
+                           FinetuneConfig(task="t", class_weights="balanced"), items)
+    weights = objective.class_weights
+    inhibitor, rare = CHEMPROT_LABELS.index("INHIBITOR"), CHEMPROT_LABELS.index("AGONIST")
+    assert weights[rare] / weights[inhibitor] == pytest.approx(counts["INHIBITOR"] / counts["AGONIST"])
+
+    sampler = BatchSampler(items, 16, seed=0, weights=_balanced_weights(items))
+    drawn = Counter(item["label"] for i in range(sampler.per_epoch * 4) for item in sampler(i))
+    present = [CHEMPROT_LABELS.index(label) for label in counts]
+    shares = [drawn[c] / sum(drawn.values()) for c in present]
+    assert max(shares) < 2.5 * min(shares), shares  # roughly uniform over classes, unlike the data
+
+    for settings in ({"class_weights": "balanced"}, {"sampler": "balanced"}):
+        _, losses = finetune(tmp_path, chemprot, base, lr=1e-3, **settings)
+        assert learned(losses), (settings, losses)
+
+
+def test_dropout_override_reaches_every_dropout_module(base):
+    model, _ = load_task_model(base, "classification", CHEMPROT_LABELS, dropout=0.3)
+    probabilities = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert probabilities == {0.3}
+
+
+def test_text_pairs_are_encoded_as_pairs(tmp_path, base):
+    rows = [{"a": f"aspirin {i}", "b": "inhibits COX", "y": "yes" if i % 2 else "no"} for i in range(40)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = prepare_task("pairs", TaskDataConfig(type="classification", train=str(path), text_field="a",
+                                                text_pair_field="b", label_field="y"), out_dir=tmp_path / "d")
+    from adaptflow.labelled import load_records
+    from adaptflow.stages.finetune import encode
+
+    tokenizer = AutoTokenizer.from_pretrained(base.uri)
+    items = encode(load_records(task.train), "classification", tokenizer, FinetuneConfig(task="t"), ["no", "yes"])
+    assert all(sum(item["token_type_ids"]) > 0 for item in items)  # the second segment is marked
+    assert all(item["input_ids"].count(tokenizer.sep_token_id) == 2 for item in items)

@@ -1,8 +1,9 @@
 """Training objectives. Each one is a batch collator plus a loss, plugged into the one training loop.
 
 An objective's `collate(blocks, generator)` turns a [batch, block] tensor of token ids into a batch dict
-(with `n_targets`, the number of predicted tokens, as a plain int); `loss(model, batch)` returns the *sum*
-of token losses, so the loop can normalise by the tokens of a whole accumulation window.
+(with `n_targets`, the number of predicted targets — or their total weight — as a plain number);
+`loss(model, batch)` returns the *sum* of target losses, so the loop can normalise by the targets of a
+whole accumulation window.
 """
 
 from __future__ import annotations

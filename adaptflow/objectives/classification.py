@@ -17,8 +17,9 @@ class SequenceClassification:
 
     def collate(self, items: list[dict], generator: torch.Generator | None = None) -> dict:
         batch = pad_batch(items, self.pad_id)
-        batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
-        batch["n_targets"] = len(items)
+        batch["labels"] = labels = torch.tensor([item["label"] for item in items], dtype=torch.long)
+        # With class weights the loss is a weighted mean, so the normaliser is the weights' sum.
+        batch["n_targets"] = len(items) if self.class_weights is None else float(self.class_weights[labels].sum())
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
