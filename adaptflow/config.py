@@ -213,8 +213,53 @@ class FinetuneConfig(Section):
         return self
 
 
+class DiscriminatorConfig(Section):
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [100])
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    lr: PositiveFloat | None = 1e-3  # its own rate: at the encoder's rate it loses the game (see DESIGN.md)
+
+
+class GuardConfig(Section):
+    """Negative-transfer guard: keep the input checkpoint unless DANN beats a source-only run on the target."""
+
+    enabled: bool = True
+    tolerance: Annotated[float, Field(ge=0)] = 0.01
+
+
+class AdaptConfig(Section):
+    """Adversarial domain adaptation (DANN) from a labelled source task to unlabelled target text."""
+
+    enabled: bool = True
+    source_task: str
+    target_corpus: str
+    target_task: str | None = None  # labelled target data: its validation split is the guard's proxy
+    strategy: Literal["full", "lora"] = "full"
+    peft: dict[str, Any] = Field(default_factory=dict)
+    schedule: Literal["ganin", "constant", "warm_start"] = "ganin"
+    gamma: PositiveFloat = 10.0
+    lambda_max: PositiveFloat = 1.0
+    warm_start: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    freeze_layers: Annotated[int, Field(ge=0)] = 0
+    max_length: Annotated[int, Field(ge=8)] = 256
+    batch_size: PositiveInt = 16
+    max_steps: PositiveInt = 300
+    lr: PositiveFloat = 3e-5
+    head_lr: PositiveFloat | None = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    max_grad_norm: PositiveFloat | None = 1.0
+    bf16: bool = False
+    log_every: PositiveInt = 10
+    eval_every: Annotated[int, Field(ge=0)] = 100
+    max_eval_examples: PositiveInt = 1000
+    guard: GuardConfig = GuardConfig()
+    seed: int | None = None
+
+
 class StagesConfig(Section):
     pretrain: PretrainConfig | None = None
+    adapt: AdaptConfig | None = None
     finetune: FinetuneConfig | None = None
 
 
@@ -274,6 +319,9 @@ class Recipe(Section):
             used.add(pretrain.corpus)
             if pretrain.replay is not None:
                 used.add(pretrain.replay.corpus)
+        adapt = self.stages.adapt
+        if adapt is not None and adapt.enabled:
+            used.add(adapt.target_corpus)
         finetune = self.stages.finetune
         if finetune is not None and finetune.enabled and finetune.regularizer is not None:
             used.add(finetune.regularizer.fisher_corpus)
@@ -282,8 +330,13 @@ class Recipe(Section):
         return [name for name in self.corpora if name in used]
 
     def used_tasks(self) -> list[str]:
-        finetune = self.stages.finetune
-        return [finetune.task] if finetune is not None and finetune.enabled else []
+        used = set()
+        adapt, finetune = self.stages.adapt, self.stages.finetune
+        if adapt is not None and adapt.enabled:
+            used.update(t for t in (adapt.source_task, adapt.target_task) if t)
+        if finetune is not None and finetune.enabled:
+            used.add(finetune.task)
+        return [name for name in self.tasks if name in used]
 
     def capped(self, *, max_steps: int | None = None, max_examples: int | None = None) -> Recipe:
         """A copy whose every stage runs at most `max_steps` and every corpus reads at most `max_examples`."""
@@ -400,7 +453,8 @@ def _resolve_paths(raw: dict, recipe_dir: Path) -> None:
 
 
 def _cross_reference_problems(raw: dict) -> list[str]:
-    """Names that must refer to a declared corpus. Checked on the raw data so they join the schema's errors."""
+    """Names that must refer to a declared corpus or task. Checked on the raw data so they join the schema's
+    errors in one report."""
     corpora = raw.get("corpora") if isinstance(raw.get("corpora"), dict) else {}
     known = ", ".join(sorted(corpora)) or "none declared"
     refs: list[tuple[str, Any]] = []
@@ -413,15 +467,17 @@ def _cross_reference_problems(raw: dict) -> list[str]:
         refs.append(("stages.pretrain.corpus", pretrain.get("corpus", "domain")))
         if isinstance(pretrain.get("replay"), dict):
             refs.append(("stages.pretrain.replay.corpus", pretrain["replay"].get("corpus")))
-    problems = []
+    tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
+    declared_tasks = ", ".join(sorted(tasks)) or "none declared"
+    task_refs: list[tuple[str, Any]] = []
+    adapt = stages.get("adapt")
+    if isinstance(adapt, dict) and adapt.get("enabled", True):
+        task_refs += [("stages.adapt.source_task", adapt.get("source_task")),
+                      ("stages.adapt.target_task", adapt.get("target_task"))]
+        refs.append(("stages.adapt.target_corpus", adapt.get("target_corpus")))
     finetune = stages.get("finetune")
     if isinstance(finetune, dict) and finetune.get("enabled", True):
-        tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
-        name = finetune.get("task")
-        if isinstance(name, str) and name not in tasks:
-            declared = ", ".join(sorted(tasks)) or "none declared"
-            problems.append(f"stages.finetune.task: {name!r} is not a declared task (declared: {declared}); "
-                            "add it under tasks: or fix the name")
+        task_refs.append(("stages.finetune.task", finetune.get("task")))
         regularizer = finetune.get("regularizer")
         if isinstance(regularizer, dict) and regularizer.get("fisher_corpus", "task") != "task":
             refs.append(("stages.finetune.regularizer.fisher_corpus", regularizer["fisher_corpus"]))
@@ -429,7 +485,12 @@ def _cross_reference_problems(raw: dict) -> list[str]:
     names = evaluation.get("corpora", ["domain"])
     if isinstance(names, list) and evaluation.get("enabled", True):
         refs += [(f"evaluation.corpora[{i}]", name) for i, name in enumerate(names)]
-    return problems + [
+    task_problems = [
+        f"{where}: {name!r} is not a declared task (declared: {declared_tasks}); add it under tasks: or fix the name"
+        for where, name in task_refs
+        if isinstance(name, str) and name not in tasks
+    ]
+    return task_problems + [
         f"{where}: {name!r} is not a declared corpus (declared: {known}); add it under corpora: or fix the name"
         for where, name in refs
         if isinstance(name, str) and name not in corpora

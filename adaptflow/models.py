@@ -256,7 +256,9 @@ def load_task_model(
     with quiet_transformers(), torch.random.fork_rng():
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+        # A checkpoint with another task head (say, the adapt stage's) gets a fresh head of the right size.
+        model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                     ignore_mismatched_sizes=kind != "sft", **kwargs)
     if lineage.get("strategy") == "adapters":
         from safetensors.torch import load_model as load_weights
 

@@ -145,6 +145,8 @@ def build_summary(client, build_run_id: str) -> dict:
             "metrics": dict(run.data.metrics),
             "checkpoint_uri": run.data.tags.get("adaptflow.checkpoint.uri"),
             "artifact_uri": run.data.tags.get("adaptflow.checkpoint.artifact_uri"),
+            **({"guard": run.data.tags["adaptflow.guard"], "guard_reason": run.data.tags.get("adaptflow.guard.reason")}
+               if "adaptflow.guard" in run.data.tags else {}),
         }
         for run in children
     }

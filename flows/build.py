@@ -15,6 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from adaptflow.config import load_recipe
 from adaptflow.tracking import build_summary
+from tasks.adapt import adapt
 from tasks.build_run import build_run
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune, select_seed
@@ -43,12 +44,13 @@ def build(
         stages = recipe.enabled_stages()
         data = prepare_data(ctx)
         base = prepare_model(ctx, data)
-        encoder = pretrain(ctx, base, data) if "pretrain" in stages else base
+        language_model = pretrain(ctx, base, data) if "pretrain" in stages else base
+        model = adapt(ctx, language_model, data) if "adapt" in stages else language_model
         if "finetune" in stages:
             seeds = recipe.stages.finetune.seeds
-            select_seed(ctx, finetune.map(unmapped(ctx), unmapped(encoder), unmapped(data), seed=seeds).result())
+            select_seed(ctx, finetune.map(unmapped(ctx), unmapped(model), unmapped(data), seed=seeds).result())
         if recipe.evaluation.enabled:
-            evaluate(ctx, base, encoder, data)
+            evaluate(ctx, base, language_model, data)
     return build_summary(ctx.tracking.client(), ctx.build_run_id)
 
 

@@ -107,8 +107,12 @@ def _print_summary(summary: dict) -> None:
     for column in ("stage", "run id", "status", "checkpoint"):
         table.add_column(column, overflow="fold")
     for name, stage in summary["stages"].items():
-        table.add_row(name, stage["run_id"], stage["status"], stage.get("checkpoint_uri") or "")
+        status = stage["status"] + (f" ({stage['guard']})" if "guard" in stage else "")
+        table.add_row(name, stage["run_id"], status, stage.get("checkpoint_uri") or "")
     out.print(table)
+    for name, stage in summary["stages"].items():
+        if "guard" in stage:
+            out.print(f"negative-transfer guard on {name}: {stage['guard']} — {stage['guard_reason']}")
     metrics = summary["metrics"]
     task_metrics = sorted(k.removeprefix("finetune.test_").removesuffix("_mean")
                           for k in metrics if k.startswith("finetune.test_") and k.endswith("_mean"))

@@ -115,3 +115,30 @@ def test_a_failing_stage_fails_the_build_and_registers_its_status(tmp_path, tiny
     status = {r.info.run_name: r.info.status for r in runs}
     assert status["pretrain"] == "FAILED" and status["build-tiny"] == "FAILED"
     assert not list((tmp_path / "runs").glob("stages/pretrain-*/final"))
+
+
+def test_adversarial_stage_guard_decision_reaches_mlflow_and_the_summary(tmp_path):
+    """The sentiment recipe shrunk to a tiny model: the guard's decision and both sides' numbers are tracked.
+    (Rejection itself, and carrying on with the input checkpoint, is tested on the stage in test_adapt.py.)"""
+    overrides = [
+        f"workdir={tmp_path / 'runs'}", "model.name=null", "model.tiny.tokenizer_corpus=kitchen",
+        "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.max_position_embeddings=128",
+        "stages.adapt.max_length=64", "stages.adapt.max_steps=8", "stages.adapt.eval_every=8",
+        "stages.adapt.lambda_max=1000", "stages.adapt.schedule=constant", "stages.adapt.lr=0.01",
+        "stages.adapt.freeze_layers=0", "stages.adapt.max_eval_examples=60",
+    ]
+    args = ["build", str(DOMAINS / "sentiment.yaml"), "--no-progress", "--max-examples", "120",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--summary-json", str(tmp_path / "s.json")]
+    result = CliRunner().invoke(app, args + [a for o in overrides for a in ("--set", o)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    stage = summary["stages"]["adapt"]
+    assert stage["guard"] in {"accepted", "rejected"} and "source-only" in stage["guard_reason"]
+    assert "negative-transfer guard on adapt" in result.output
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(stage["run_id"])
+    assert {"target_accuracy", "reference_target_accuracy", "discriminator_accuracy", "proxy_a_distance",
+            "proxy_a_distance_before", "accepted"} <= set(run.data.metrics)
+    assert client.get_run(summary["build_run_id"]).data.tags["adaptflow.adapt.guard"] == stage["guard"]
+    expected = run.data.tags["adaptflow.adapted.uri" if stage["guard"] == "accepted" else "adaptflow.input_checkpoint.uri"]
+    assert stage["checkpoint_uri"] == expected

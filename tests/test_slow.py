@@ -55,4 +55,5 @@ def test_minilm_chemprot_fine_tuning_beats_the_majority_class(tmp_path):
     test = [r["label"] for r in load_records(splits.test)]
     majority = max(set(train), key=train.count)
     baseline = f1_score(test, [majority] * len(test), labels=list(splits.labels), average="macro", zero_division=0)
-    assert metrics["finetune.test_macro_f1_mean"] > baseline + 0.05, (metrics, baseline)
+    assert metrics["finetune.test_macro_f1_mean"] > baseline + 0.02, (metrics, baseline)
+    assert metrics["finetune.test_accuracy_mean"] > test.count(majority) / len(test), metrics

@@ -1,0 +1,51 @@
+"""Adversarial domain adaptation as a Prefect task: an MLflow child run around `run_adapt`, with the
+negative-transfer guard's decision recorded as tags and metrics."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from adaptflow.refs import CheckpointRef
+from adaptflow.stages.adapt import STAGE, adapt_cache_key, run_adapt
+from adaptflow.tracking import log_dataset, log_directory, metrics_logger
+from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+from tasks.prepare import PreparedInputs
+
+
+@task(name="adapt", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def adapt(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> CheckpointRef:
+    """Run DANN; return the adapted checkpoint, or `base` itself when the guard rejects the stage."""
+    config = ctx.recipe.stages.adapt
+    seed = config.seed if config.seed is not None else ctx.recipe.seed
+    source = data.tasks[config.source_task]
+    target = data.corpora[config.target_corpus]
+    target_labelled = data.tasks[config.target_task] if config.target_task else None
+    inputs = [d for d in (source.train, source.validation, target.train, target.validation) if d is not None]
+    if target_labelled is not None:
+        inputs += [d for d in (target_labelled.train, target_labelled.validation) if d is not None]
+    tags = {"adaptflow.cache_key": adapt_cache_key(config, base, inputs, seed),
+            "adaptflow.input_checkpoint.uri": base.uri, "adaptflow.input_checkpoint.digest": base.digest}
+    with stage_run(ctx, STAGE, params=config.model_dump(mode="json") | {"seed": seed}, tags=tags) as (client, run_id):
+        log_dataset(client, run_id, source.train, context="source/train")
+        log_dataset(client, run_id, target.train, context="target/train")
+        if target_labelled is not None and target_labelled.validation is not None:
+            log_dataset(client, run_id, target_labelled.validation, context="target/validation")
+        result = run_adapt(
+            config, source=source, target=target.train, target_heldout=target.validation,
+            target_labelled=target_labelled, base=base, work_dir=ctx.workdir / "stages", seed=seed,
+            mlflow_run_id=run_id, build_run_id=ctx.build_run_id, log_metrics=metrics_logger(client, run_id),
+            progress=ctx.progress,
+        )
+        metrics_logger(client, run_id)(config.max_steps, result.metrics)
+        decision = "accepted" if result.accepted else "rejected"
+        client.set_tag(run_id, "adaptflow.guard", decision)
+        client.set_tag(run_id, "adaptflow.guard.reason", result.reason)
+        client.set_tag(ctx.build_run_id, "adaptflow.adapt.guard", decision)
+        artifact_uri = log_directory(client, run_id, result.adapted.uri, "checkpoint")
+        client.set_tag(run_id, "adaptflow.checkpoint.uri", result.checkpoint.uri)
+        client.set_tag(run_id, "adaptflow.checkpoint.artifact_uri", artifact_uri if result.accepted else "")
+        client.set_tag(run_id, "adaptflow.checkpoint.digest", result.checkpoint.digest)
+        client.set_tag(run_id, "adaptflow.adapted.uri", result.adapted.uri)
+        return result.checkpoint
