@@ -112,6 +112,7 @@ def train_tokenizer(texts: list[str], tiny: TinyModelConfig):
             sep_token="[SEP]",
             mask_token="[MASK]",
             model_max_length=tiny.max_position_embeddings,
+            model_input_names=["input_ids", "token_type_ids", "attention_mask"],  # BERT marks text pairs
         )
 
     specials = ["<|endoftext|>", "<|pad|>"]
