@@ -178,6 +178,7 @@ class FinetuneConfig(Section):
     ] = "full"
     peft: dict[str, Any] = Field(default_factory=dict)
     adapter_reduction: PositiveInt = 16
+    reinit_pooler: bool = True
     unfreeze_every: PositiveInt = 50
     layerwise_lr_decay: Annotated[float, Field(gt=0, le=1)] | None = None
     regularizer: RegularizerConfig | None = None

@@ -278,6 +278,22 @@ def load_task_model(
     return model, tokenizer
 
 
+def checkpoint_parameter_names(model: torch.nn.Module, checkpoint_dir: str | Path) -> set[str]:
+    """Names of `model`'s parameters that the checkpoint holds (anything else starts freshly initialised).
+
+    A checkpoint of the bare encoder (`BertModel`: `encoder.layer.0…`) and one of a model with a head
+    (`bert.encoder.layer.0…`) name the same weights differently; both are matched.
+    """
+    from safetensors import safe_open
+
+    stored: set[str] = set()
+    for f in Path(checkpoint_dir).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as handle:
+            stored.update(handle.keys())
+    prefix = f"{model.base_model_prefix}."
+    return {n for n, _ in model.named_parameters() if n in stored or n.removeprefix(prefix) in stored}
+
+
 def save_checkpoint(model, tokenizer, out_dir: str | Path, *, lineage: dict) -> str:
     """Write a Hugging Face checkpoint (safetensors, config, tokenizer, lineage.json) atomically; return its digest.
 

@@ -323,3 +323,16 @@ def test_text_pairs_are_encoded_as_pairs(tmp_path, base):
     items = encode(load_records(task.train), "classification", tokenizer, FinetuneConfig(task="t"), ["no", "yes"])
     assert all(sum(item["token_type_ids"]) > 0 for item in items)  # the second segment is marked
     assert all(item["input_ids"].count(tokenizer.sep_token_id) == 2 for item in items)
+
+
+def test_weights_of_a_bare_encoder_checkpoint_count_as_pretrained():
+    """The packaged MiniLM is a bare `BertModel` (`encoder.…`); a classifier names them `bert.encoder.…`.
+    Mistaking them for new weights would train the whole encoder at the head's learning rate."""
+    from adaptflow.models import checkpoint_parameter_names, packaged_model_path
+
+    path = packaged_model_path("minilm")
+    model, _ = load_task_model(path, "classification", ["no", "yes"])
+    names = checkpoint_parameter_names(model, path)
+    assert "bert.encoder.layer.0.attention.self.query.weight" in names
+    assert "bert.embeddings.word_embeddings.weight" in names
+    assert not any(n.startswith("classifier.") for n in names)

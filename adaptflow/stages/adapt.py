@@ -21,7 +21,7 @@ from adaptflow.config import AdaptConfig
 from adaptflow.data import load_texts
 from adaptflow.labelled import TaskSplits, load_records
 from adaptflow.lineage import stage_cache_key, stage_lineage
-from adaptflow.models import load_task_model, save_checkpoint
+from adaptflow.models import checkpoint_parameter_names, load_task_model, save_checkpoint
 from adaptflow.objectives.dann import (
     DANNModel,
     DomainAdversarial,
@@ -31,7 +31,7 @@ from adaptflow.objectives.dann import (
 )
 from adaptflow.peft import apply_strategy, layer_groups, param_groups
 from adaptflow.refs import CheckpointRef, DatasetRef
-from adaptflow.stages.finetune import encode, score
+from adaptflow.stages.finetune import _reinitialise_pooler, encode, score
 from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, pick_device, train
 
 log = logging.getLogger(__name__)
@@ -160,10 +160,8 @@ def _encode_texts(texts: list[str], tokenizer, max_length: int) -> list[dict]:
 
 
 def _build(config: AdaptConfig, base: CheckpointRef, labels: list[str], seed: int, total_steps: int):
-    from adaptflow.stages.finetune import _pretrained_parameter_names
-
     model, _ = load_task_model(base, "classification", labels, seed=seed)
-    pretrained = _pretrained_parameter_names(base.uri)
+    pretrained = checkpoint_parameter_names(model, base.uri) - _reinitialise_pooler(model, seed)
     new = {n for n, _ in model.named_parameters() if n not in pretrained}
     for group in layer_groups(model)[: config.freeze_layers + 1 if config.freeze_layers else 0]:
         for p in group:
@@ -294,6 +292,7 @@ def _domain_probe(base: CheckpointRef, labels, data: _AdaptData, seed: int) -> d
     from adaptflow.objectives.dann import DomainDiscriminator
 
     model, _ = load_task_model(base, "classification", labels, seed=seed)
+    _reinitialise_pooler(model, seed)  # the features the stage itself starts from
     wrapped = DANNModel(model, DomainDiscriminator(model.config.hidden_size, [1]))
     device = pick_device()
     wrapped.to(device)

@@ -33,7 +33,7 @@ from adaptflow.metrics import (
     ner_report,
     plot_confusion_matrix,
 )
-from adaptflow.models import load_model, load_task_model, save_checkpoint
+from adaptflow.models import checkpoint_parameter_names, load_model, load_task_model, save_checkpoint
 from adaptflow.objectives import build_objective
 from adaptflow.objectives.classification import SequenceClassification
 from adaptflow.objectives.sft import InstructionSFT, encode_sft
@@ -62,7 +62,9 @@ class FinetuneResult:
 
     @property
     def selection_value(self) -> float:
-        return self.metrics[f"val_{self.selection_metric}"]
+        """The validation score seeds are chosen by (the worst possible one when there was no validation)."""
+        worst = float("-inf") if self.selection_mode == "max" else float("inf")
+        return self.metrics.get(f"val_{self.selection_metric}", worst)
 
 
 def selection(config: FinetuneConfig, kind: str) -> tuple[str, str]:
@@ -101,7 +103,9 @@ def run_finetune(
     model, tokenizer = load_task_model(
         base, kind, labels, seed=seed, dropout=config.dropout, trust_remote_code=trust_remote_code
     )
-    pretrained_names = _pretrained_parameter_names(base.uri)
+    pretrained_names = checkpoint_parameter_names(model, base.uri)
+    if config.reinit_pooler:
+        pretrained_names -= _reinitialise_pooler(model, seed)
     train_records = load_records(task.train)
     train_items = encode(train_records, kind, tokenizer, config, labels)
     val_items = encode(load_records(task.validation), kind, tokenizer, config, labels) if task.validation else None
@@ -312,14 +316,20 @@ def _balanced_weights(items: list[dict]) -> torch.Tensor:
     return torch.tensor([1.0 / counts[item["label"]] for item in items], dtype=torch.double)
 
 
-def _pretrained_parameter_names(checkpoint: str) -> set[str]:
-    from safetensors import safe_open
+def _reinitialise_pooler(model, seed: int) -> set[str]:
+    """Give a BERT-style pooler fresh weights, as part of the new task head; return its parameter names.
 
-    names: set[str] = set()
-    for f in Path(checkpoint).glob("*.safetensors"):
-        with safe_open(str(f), framework="pt") as handle:
-            names.update(handle.keys())
-    return names
+    A checkpoint's pooler is often stale (sentence-embedding models such as MiniLM never train it, and
+    masked-LM pretraining drops it), and re-initialising it steadies fine-tuning (Zhang et al., 2021).
+    """
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is None:
+        return set()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        pooler.apply(model._init_weights)
+    prefix = f"{model.base_model_prefix}.pooler."
+    return {n for n, _ in model.named_parameters() if n.startswith(prefix)}
 
 
 def _texts_of(records: list[dict], kind: str) -> list[str]:
