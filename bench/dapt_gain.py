@@ -93,6 +93,8 @@ def main() -> None:
     for domain in args.domains:
         print(f"{domain}: pretraining once, then fine-tuning baseline and DAPT × seeds {args.seeds}", flush=True)
         results[domain] = run_domain(domain, args.seeds, workdir, args.max_steps, args.max_examples)
+        # Written after every domain, so an interrupted run keeps what it finished.
+        args.out.write_text(json.dumps({"seeds": args.seeds, "results": results, "complete": False}, indent=2))
 
     print()
     print(f"{'task':<10} {'arm':<9} {'test macro-F1':>17} {'test micro-F1':>17}   (mean ± std over "
@@ -110,7 +112,8 @@ def main() -> None:
         print(f"{result['task']:<10} {'gain':<9} {gain_macro:>+9.4f}          {gain_micro:>+9.4f}")
         headline[f"{result['task']}_macro_gain"] = round(gain_macro, 4)
         headline[f"{result['task']}_micro_gain"] = round(gain_micro, 4)
-    args.out.write_text(json.dumps({"seeds": args.seeds, "results": results, "headline": headline}, indent=2))
+    args.out.write_text(json.dumps({"seeds": args.seeds, "results": results, "headline": headline,
+                                    "complete": True}, indent=2))
     print(f"\nwritten {args.out}")
     print(" ".join(f"{k}={v}" for k, v in headline.items()))
 
