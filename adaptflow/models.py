@@ -278,6 +278,17 @@ def load_task_model(
     return model, tokenizer
 
 
+def load_tokenizer(ref: CheckpointRef | str, *, trust_remote_code: bool = False):
+    """A checkpoint's tokenizer alone, with a pad token (decoders often lack one: eos stands in)."""
+    from transformers import AutoTokenizer
+
+    path = ref.uri if isinstance(ref, CheckpointRef) else ref
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def checkpoint_parameter_names(model: torch.nn.Module, checkpoint_dir: str | Path) -> set[str]:
     """Names of `model`'s parameters that the checkpoint holds (anything else starts freshly initialised).
 

@@ -21,7 +21,7 @@ from adaptflow.config import AdaptConfig
 from adaptflow.data import load_texts
 from adaptflow.labelled import TaskSplits, load_records
 from adaptflow.lineage import stage_cache_key, stage_lineage
-from adaptflow.models import checkpoint_parameter_names, load_task_model, save_checkpoint
+from adaptflow.models import checkpoint_parameter_names, load_task_model, load_tokenizer, save_checkpoint
 from adaptflow.objectives.dann import (
     DANNModel,
     DomainAdversarial,
@@ -77,7 +77,7 @@ def run_adapt(
     stage_dir = Path(work_dir) / f"{STAGE}-{key}"
     labels = list(source.labels)
 
-    _, tokenizer = load_task_model(base, "classification", labels, seed=seed)
+    tokenizer = load_tokenizer(base)  # the models themselves are built per run, in _train
     data = _AdaptData(config, tokenizer, labels, source, target, target_heldout, target_labelled, seed)
     before = _domain_probe(base, labels, data, seed)
     log_metrics(0, {f"{k}_before": v for k, v in before.items()})
