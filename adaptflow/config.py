@@ -238,7 +238,7 @@ class AdaptConfig(Section):
     peft: dict[str, Any] = Field(default_factory=dict)
     schedule: Literal["ganin", "constant", "warm_start"] = "ganin"
     gamma: PositiveFloat = 10.0
-    lambda_max: PositiveFloat = 1.0
+    lambda_max: Annotated[float, Field(ge=0)] = 1.0  # 0: source-only training with a spectator discriminator
     warm_start: Annotated[float, Field(ge=0, lt=1)] = 0.1
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
     freeze_layers: Annotated[int, Field(ge=0)] = 0

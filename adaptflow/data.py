@@ -399,6 +399,15 @@ def _require_columns(uri: str, present: Sequence[str], required: Sequence[str], 
             )
 
 
+def stable_sample(keys: list[str], size: int, seed: int) -> list[int]:
+    """Indices (in input order) of `size` of `keys` chosen by a hash of ``(seed, key)``: a representative
+    sample even of a file sorted by label, and the same one every time."""
+    if size >= len(keys):
+        return list(range(len(keys)))
+    # Salted, so the sample is independent of split_train_validation's hash of the same (seed, key).
+    return sorted(sorted(range(len(keys)), key=lambda i: _unit_hash(seed, f"sample\0{keys[i]}"))[:size])
+
+
 def _unit_hash(seed: int, text: str) -> float:
     digest = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64

@@ -31,6 +31,7 @@ from adaptflow.data import (
     _write_split_table,
     digest_texts,
     split_train_validation,
+    stable_sample,
 )
 from adaptflow.errors import DataError
 from adaptflow.refs import DatasetRef
@@ -111,7 +112,9 @@ def prepare_task(name: str, config: TaskDataConfig, *, out_dir: str | Path, seed
     (string: a label is ``str`` of its value, so JSONL ``0``/``1`` become ``"0"``/``"1"``); ner ``tokens``
     and ``tags`` (lists of strings); sft ``prompt`` and ``response``.
 
-    Each split's paths are read in order and concatenated, then capped to the first ``max_examples``.
+    Each split's paths are read in order and concatenated; ``max_examples`` then keeps a sample of that
+    many, chosen by a hash of ``(seed, record)`` and kept in file order (files are often sorted by label,
+    so the first N would be one class).
     Exact duplicate records are dropped from train only. Without ``validation``, ``validation_fraction``
     of train is held out by a hash of ``(seed, record)``, so (tiny sets aside) a record's side never
     depends on the other records.
@@ -130,7 +133,7 @@ def prepare_task(name: str, config: TaskDataConfig, *, out_dir: str | Path, seed
     splits: dict[str, list[Example] | None] = {}
     for split in SPLITS:
         paths = getattr(config, split)
-        splits[split] = None if paths is None else _read_split(read, paths, config.max_examples)
+        splits[split] = None if paths is None else _read_split(read, paths, config.max_examples, seed)
 
     train = _dedupe(splits["train"])
     if len(train) < len(splits["train"]):
@@ -332,15 +335,12 @@ def _shown(value: object) -> str:
 
 
 def _read_split(
-    read: Callable[[str, int | None], list[Example]], paths: str | list[str], max_examples: int | None
+    read: Callable[[str, int | None], list[Example]], paths: str | list[str], max_examples: int | None, seed: int
 ) -> list[Example]:
-    examples: list[Example] = []
-    for uri in [paths] if isinstance(paths, str) else paths:
-        remaining = None if max_examples is None else max_examples - len(examples)
-        if remaining == 0:
-            break
-        examples.extend(read(str(uri), remaining))
-    return examples
+    examples = [example for uri in ([paths] if isinstance(paths, str) else paths) for example in read(str(uri), None)]
+    if max_examples is None:
+        return examples
+    return [examples[i] for i in stable_sample([_canonical(record) for _, record in examples], max_examples, seed)]
 
 
 def _canonical(record: dict) -> str:

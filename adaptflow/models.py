@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,11 +96,10 @@ def train_tokenizer(texts: list[str], tiny: TinyModelConfig):
 
     if tiny.architecture == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=tiny.vocab_size, special_tokens=specials))
+        normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        vocab = _wordpiece_vocab(texts, tiny.vocab_size, specials, normalizer, pre_tokenizer)
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -135,6 +135,23 @@ def train_tokenizer(texts: list[str], tiny: TinyModelConfig):
         pad_token="<|pad|>",
         model_max_length=tiny.max_position_embeddings,
     )
+
+
+def _wordpiece_vocab(texts, size: int, specials: list[str], normalizer, pre_tokenizer) -> dict[str, int]:
+    """A deterministic WordPiece vocabulary: specials, every character (word-initial and ##-continuation),
+    then the most frequent words (ties broken alphabetically) up to `size`.
+
+    The `tokenizers` WordPiece trainer assigns ids in hash-map order, so the same texts give a different
+    vocabulary per process (huggingface/tokenizers#1794) and tiny builds would not be reproducible.
+    """
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    tokens = specials + chars + [f"##{c}" for c in chars]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    tokens += words[: max(0, size - len(tokens))]
+    return {token: i for i, token in enumerate(tokens)}
 
 
 def build_tiny_model(tiny: TinyModelConfig, tokenizer, *, seed: int) -> torch.nn.Module:

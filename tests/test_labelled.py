@@ -173,13 +173,32 @@ def test_csv_text_pair_and_max_examples_across_files(tmp_path):
     )
     splits = prepare_task("pairs", config, out_dir=tmp_path / "out")
     assert splits.validation is None and splits.labels == ("0", "1")
-    assert load_records(splits.train) == [
+    every = [
         {"text": "A cat.", "text_pair": "An animal.", "label": "1"},
         {"text": "A dog.", "text_pair": "A car.", "label": "0"},
         {"text": "Rain.", "text_pair": "Wet.", "label": "1"},
+        {"text": "Sun.", "text_pair": "Snow.", "label": "0"},
     ]
+    train = load_records(splits.train)
+    assert len(train) == 3 and train == [r for r in every if r in train]  # a sample, in file order
     assert splits.test.rows == 2
     assert pq.read_schema(splits.train.uri).names == ["text", "text_pair", "label"]
+
+
+def test_max_examples_samples_a_label_sorted_file_instead_of_taking_its_head(tmp_path):
+    rows = [{"text": f"review {i}", "label": "positive" if i < 500 else "negative"} for i in range(1000)]
+    path = tmp_path / "sorted.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    config = TaskDataConfig(type="classification", train=str(path), validation_fraction=0, max_examples=100)
+    train = load_records(prepare_task("sorted", config, out_dir=tmp_path / "out", seed=3).train)
+    assert len(train) == 100 and 30 < label_counts(train, "classification")["negative"] < 70
+    assert train == [r for r in rows if r in train]
+    again = load_records(prepare_task("sorted", config, out_dir=tmp_path / "out", seed=3).train)
+    assert again == train
+    # The sample is drawn independently of the validation hold-out (both hash the records with the seed).
+    held = prepare_task("sorted", config.model_copy(update={"validation_fraction": 0.2}), out_dir=tmp_path / "out",
+                        seed=3)
+    assert 10 <= held.validation.rows <= 30 and held.train.rows + held.validation.rows == 100
 
 
 def test_unseen_test_label_is_named_with_file_and_line(tmp_path):
