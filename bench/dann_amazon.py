@@ -32,7 +32,7 @@ from adaptflow.stages.adapt import run_adapt
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ["books:kitchen", "kitchen:books", "books:electronics", "electronics:kitchen"]
-BENCH_BUDGET = {"max_steps": 75, "max_length": 96, "max_eval_examples": 300}
+BENCH_BUDGET = {"max_steps": 60, "max_length": 64, "max_eval_examples": 300}
 
 
 def prepare(recipe, domain: str, data_dir: Path):

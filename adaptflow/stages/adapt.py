@@ -11,6 +11,7 @@ and budget) and keeps the stage's input checkpoint unless DANN does better on a 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,19 +132,21 @@ class _AdaptData:
     """Every split the stage reads, tokenised once and shared by the DANN and reference runs."""
 
     def __init__(self, config, tokenizer, labels, source, target, target_heldout, target_labelled, seed):
-        cap = config.max_eval_examples
+        def cap(items: list) -> list:
+            return _sample(items, config.max_eval_examples, seed)
+
         self.source_train = encode(load_records(source.train), "classification", tokenizer, config, labels)
-        self.source_val = encode(load_records(source.validation), "classification", tokenizer, config,
-                                 labels)[:cap] if source.validation else []
+        self.source_val = cap(encode(load_records(source.validation), "classification", tokenizer, config,
+                                     labels)) if source.validation else []
         self.target_train = _encode_texts(load_texts(target), tokenizer, config.max_length)
-        self.target_heldout = _encode_texts(load_texts(target_heldout), tokenizer, config.max_length)[:cap]
+        self.target_heldout = cap(_encode_texts(load_texts(target_heldout), tokenizer, config.max_length))
         # Labelled target data is never trained on: its validation split is the guard's proxy, its train
         # split (and test split, if any) the target numbers a report quotes.
         self.target_val, self.target_test = [], []
         if target_labelled is not None:
             if target_labelled.validation is not None:
-                self.target_val = encode(load_records(target_labelled.validation), "classification", tokenizer,
-                                         config, labels)[:cap]
+                self.target_val = cap(encode(load_records(target_labelled.validation), "classification",
+                                             tokenizer, config, labels))
             for split in (target_labelled.train, target_labelled.test):
                 if split is not None:
                     self.target_test += encode(load_records(split), "classification", tokenizer, config, labels)
@@ -152,6 +155,13 @@ class _AdaptData:
         self.pad_id = tokenizer.pad_token_id
         self.labels = labels
         self.seed = seed
+
+
+def _sample(items: list, limit: int, seed: int) -> list:
+    """At most `limit` items, a seeded sample kept in order (not the first ones: files are often sorted by label)."""
+    if len(items) <= limit:
+        return items
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
 
 
 def _encode_texts(texts: list[str], tokenizer, max_length: int) -> list[dict]:
