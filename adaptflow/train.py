@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from adaptflow.errors import DataError, TrainingError
+from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
+from adaptflow.errors import ConfigError, DataError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,8 @@ def train(
     early_stopping: EarlyStopping | None = None,
     save_state: Callable[[int], None] | None = None,
     log_metrics: MetricsSink | None = None,
+    runtime: Runtime = SINGLE,
+    engine: TorchEngine | DeepSpeedEngine | None = None,
 ) -> LoopResult:
     """Run optimizer steps `start_step .. settings.max_steps - 1` (fewer if early stopping halts it).
 
@@ -176,9 +179,23 @@ def train(
     step and logged apart as `reg_loss`. `step_hooks` run before a step (freezing schedules),
     `post_step_hooks` after the optimizer step and before gradients are cleared (AdaLoRA's budget).
     Host syncs happen only at log and evaluation steps.
+
+    With several ranks (`runtime`), rank r takes micro-batches r, r + W, … and the loss is normalised by the
+    targets of the whole window on all ranks, so the update equals one rank's with W times the accumulation.
+    `engine` (default: a `TorchEngine` around `optimizer`) applies the gradients; a `DeepSpeedEngine` runs
+    the same loop under ZeRO.
     """
     log_metrics = log_metrics or (lambda step, metrics: None)
-    for group in optimizer.param_groups:
+    engine = engine or TorchEngine(model, optimizer, runtime, max_grad_norm=settings.max_grad_norm)
+    if post_step_hooks and not engine.supports_post_step_hooks:
+        raise ConfigError("this strategy updates itself from gradients after each optimizer step (AdaLoRA), "
+                          "which DeepSpeed clears inside its step; use lora, or run without DeepSpeed")
+    if engine.zero_stage == 3 and (regularizer is not None or (early_stopping and early_stopping.restore_best)):
+        raise ConfigError("L2-SP/EWC penalties and early-stopping restore read whole weights, which ZeRO-3 "
+                          "partitions across ranks; use ZeRO-2 (infra/deepspeed/zero2.json) for this stage")
+    world, rank = runtime.world_size, runtime.rank
+    forward = engine.module  # the model itself, or DeepSpeed's engine around it
+    for group in engine.param_groups:
         group.setdefault("initial_lr", group["lr"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
     model.train()
@@ -200,7 +217,7 @@ def train(
         for step in range(start_step, settings.max_steps):
             for hook in step_hooks:
                 hook(step)
-            for group in optimizer.param_groups:
+            for group in engine.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(
                     settings.schedule, step, settings.max_steps, settings.warmup_ratio, group.get("start_step", 0)
                 )
@@ -209,35 +226,40 @@ def train(
             first = step * settings.grad_accum_steps
             batches = []
             for i in range(first, first + settings.grad_accum_steps):
-                g = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
-                batches.append(objective.collate(sampler(i), g))
-            targets = max(1, sum(b["n_targets"] for b in batches))
-            for batch in batches:
+                index = i * world + rank  # the micro-batch's place in the one sequence all ranks share
+                g = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
+                batches.append(objective.collate(sampler(index), g))
+            targets = sum(b["n_targets"] for b in batches)
+            if world > 1:
+                targets = int(runtime.all_reduce_sum(torch.tensor(targets, dtype=torch.int64)))
+            targets = max(1, targets)
+            for n, batch in enumerate(batches):
                 mask = batch.get("attention_mask")
                 window_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with autocast:
-                    loss_sum = objective.loss(model, batch)
-                (loss_sum / targets).backward()
+                    loss_sum = objective.loss(forward, batch)
                 window_loss += loss_sum.detach()
+                # × world: the engine averages gradients over ranks, the sum over the window is wanted.
+                loss = loss_sum * (world / targets)
+                if regularizer is not None and n == len(batches) - 1:
+                    penalty = regularizer()
+                    loss = loss + penalty
+                    window_reg += penalty.detach()
+                engine.backward(loss)
             window_targets += targets
-            if regularizer is not None:
-                penalty = regularizer()
-                penalty.backward()
-                window_reg += penalty.detach()
 
-            if settings.max_grad_norm:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.grad is not None], settings.max_grad_norm
-                )
-            optimizer.step()
+            grad_norm = engine.step()
             for hook in post_step_hooks:
                 hook(step)
-            optimizer.zero_grad(set_to_none=True)
+            engine.zero_grad()
             done = step + 1
             window_steps += 1
 
             if done % settings.log_every == 0 or done == settings.max_steps:
+                if world > 1:  # window_targets is already global
+                    window_loss = runtime.all_reduce_sum(window_loss)
+                    window_tokens = int(runtime.all_reduce_sum(torch.tensor(window_tokens, dtype=torch.int64)))
                 loss = window_loss.item() / window_targets
                 if not math.isfinite(loss):
                     raise TrainingError(
@@ -247,7 +269,7 @@ def train(
                 elapsed = time.perf_counter() - window_start
                 last = {
                     "loss": loss,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": engine.param_groups[0]["lr"],
                     "tokens_per_s": window_tokens / elapsed,
                 }
                 if grad_norm is not None:

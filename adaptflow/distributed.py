@@ -1,0 +1,214 @@
+"""Ranks, process groups and the engine that applies the one training loop's gradients.
+
+Every rank runs the same stage code. `Runtime.from_env()` reads what torchrun and the deepspeed launcher set
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and joins the process group: gloo on CPU, nccl on CUDA.
+Rank r of W takes the sampler's micro-batches r, r + W, r + 2W, …, so W ranks accumulating A micro-batches
+see exactly the examples one rank sees accumulating W·A: the global batch (micro × A × W) and the loss are
+the same at any world size.
+
+An engine is what the loop steps:
+- `TorchEngine`: a plain torch optimizer; with several ranks the gradients are averaged by hand, one
+  flattened all-reduce per optimizer step (exact, and nothing wraps the model).
+- `DeepSpeedEngine`: `deepspeed.initialize` around the same model and optimizer, from a DeepSpeed JSON
+  config (ZeRO stage 0–3, CPU offload, bf16). Micro-batch size, accumulation and clipping are always set
+  from the recipe, so the JSON cannot silently disagree with the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adaptflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, *, timeout_minutes: int = 30) -> Runtime:
+        """This process's place in the job; joins the process group when the launcher started several ranks
+        (or `DeepSpeed` needs one even for one rank)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        runtime = cls(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+        if world_size > 1:
+            runtime.join(timeout_minutes=timeout_minutes)
+        return runtime
+
+    def join(self, *, timeout_minutes: int = 30) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise ConfigError(f"{name} is not set: start the stage with torchrun or the deepspeed launcher, "
+                                  "or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT yourself")
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("ADAPTFLOW_DEVICE") != "cpu" else "gloo"
+        dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of `tensor` over all ranks (in place; returned for chaining)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available() and os.environ.get("ADAPTFLOW_DEVICE", "") != "cpu":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+SINGLE = Runtime()
+
+
+class TorchEngine:
+    """A torch optimizer stepped by the loop; gradients averaged across ranks before clipping."""
+
+    zero_stage = None
+    supports_post_step_hooks = True
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime = SINGLE, *,
+                 max_grad_norm: float | None = None):
+        self.module, self.optimizer, self.runtime, self.max_grad_norm = model, optimizer, runtime, max_grad_norm
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> torch.Tensor | None:
+        """Average gradients over ranks, clip, step; return the gradient norm before clipping (if clipping)."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.runtime.world_size > 1 and params:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            self.runtime.all_reduce_sum(flat).div_(self.runtime.world_size)
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm) if self.max_grad_norm else None
+        self.optimizer.step()
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        yield
+
+
+class DeepSpeedEngine:
+    """The same model and optimizer under `deepspeed.initialize`. DeepSpeed counts micro-steps: `backward`
+    then `step` after every micro-batch, and it updates the weights at the accumulation boundary."""
+
+    supports_post_step_hooks = False  # DeepSpeed clears gradients inside its step
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime, *,
+                 config: dict, micro_batch_size: int, grad_accum_steps: int, max_grad_norm: float | None,
+                 bf16: bool):
+        import deepspeed
+
+        config = resolve_deepspeed_config(config, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+                                          world_size=runtime.world_size, max_grad_norm=max_grad_norm, bf16=bf16)
+        if runtime.world_size == 1:
+            for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+                os.environ.setdefault(name, value)
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend="nccl" if runtime.device().type == "cuda" else "gloo")
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.module, self.runtime, self.config = self.engine, runtime, config
+        self.zero_stage = self.engine.zero_optimization_stage()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already divides by the whole window's targets: no division by the accumulation steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step(self) -> torch.Tensor | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(float(norm))
+
+    def zero_grad(self) -> None:
+        pass  # done by DeepSpeed at the boundary
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """Every parameter whole on every rank inside the block (ZeRO-3 partitions them)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+
+def resolve_deepspeed_config(config: dict | str | Path, *, micro_batch_size: int, grad_accum_steps: int,
+                             world_size: int, max_grad_norm: float | None, bf16: bool) -> dict:
+    """A DeepSpeed config with batch sizes, accumulation, clipping and precision taken from the recipe.
+
+    Values the JSON sets differently are overridden with a warning rather than trusted: the loop's
+    normalisation and the reported global batch depend on them.
+    """
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text(encoding="utf-8"))
+    config = json.loads(json.dumps(config))  # a private copy
+    ours = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": max_grad_norm or 0.0,
+    }
+    for key, value in ours.items():
+        if key in config and config[key] not in ("auto", value):
+            log.warning("DeepSpeed config sets %s=%s; the recipe's %s is used", key, config[key], value)
+        config[key] = value
+    if bf16 and torch.cuda.is_available():
+        config["bf16"] = {"enabled": True}
+    elif config.get("bf16", {}).get("enabled") or config.get("fp16", {}).get("enabled"):
+        log.warning("DeepSpeed mixed precision is off on CPU; the loop's bf16 autocast setting applies")
+        config.pop("bf16", None), config.pop("fp16", None)
+    config.setdefault("steps_per_print", 10**9)  # the loop logs
+    return config
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
