@@ -282,6 +282,36 @@ class TrackingConfig(Section):
     experiment: str | None = None
 
 
+class DistributedConfig(Section):
+    """How training stages run: in this process, or launched on many processes, GPUs and nodes.
+
+    `deepspeed` names a DeepSpeed JSON config (infra/deepspeed/zero2.json, zero3.json, zero3-offload.json);
+    without one the ranks run plain torch. Micro-batch, accumulation and clipping always come from the
+    stage, so the global batch is micro × accumulation × nnodes × nproc_per_node.
+    """
+
+    launcher: Literal["none", "torchrun"] = "none"
+    nnodes: PositiveInt = 1
+    nproc_per_node: PositiveInt = 1
+    node_rank: Annotated[int, Field(ge=0)] = 0
+    rdzv_endpoint: str = "127.0.0.1:29500"  # host:port of node 0, reachable from every node
+    deepspeed: str | None = None
+    timeout_minutes: PositiveInt = 720
+    omp_num_threads: PositiveInt | None = None  # per rank; default: the cores divided by nproc_per_node
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedConfig:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank ({self.node_rank}) must be below nnodes ({self.nnodes})")
+        if self.launcher == "none" and (self.nnodes > 1 or self.nproc_per_node > 1):
+            raise ValueError("nnodes/nproc_per_node above 1 need a launcher: set distributed.launcher=torchrun")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
 class Recipe(Section):
     domain: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
     description: str = ""
@@ -294,6 +324,7 @@ class Recipe(Section):
     stages: StagesConfig = StagesConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @property
     def experiment_name(self) -> str:

@@ -197,11 +197,11 @@ def resolve_deepspeed_config(config: dict | str | Path, *, micro_batch_size: int
         if key in config and config[key] not in ("auto", value):
             log.warning("DeepSpeed config sets %s=%s; the recipe's %s is used", key, config[key], value)
         config[key] = value
+    for key in ("bf16", "fp16"):
+        if config.pop(key, {}).get("enabled"):
+            log.warning("the DeepSpeed config's %s setting is ignored: precision follows the stage's bf16", key)
     if bf16 and torch.cuda.is_available():
         config["bf16"] = {"enabled": True}
-    elif config.get("bf16", {}).get("enabled") or config.get("fp16", {}).get("enabled"):
-        log.warning("DeepSpeed mixed precision is off on CPU; the loop's bf16 autocast setting applies")
-        config.pop("bf16", None), config.pop("fp16", None)
     config.setdefault("steps_per_print", 10**9)  # the loop logs
     return config
 

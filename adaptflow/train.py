@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -396,7 +395,4 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def pick_device() -> torch.device:
-    if torch.cuda.is_available() and os.environ.get("ADAPTFLOW_DEVICE", "") != "cpu":
-        return torch.device("cuda")
-    return torch.device("cpu")
+pick_device = SINGLE.device  # this process's device (cuda:LOCAL_RANK, or cpu when ADAPTFLOW_DEVICE=cpu)

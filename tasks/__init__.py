@@ -38,6 +38,16 @@ class BuildContext:
         return self.workdir / "cache" / "tokens"
 
 
+def jsonable(arguments: dict) -> dict:
+    """Stage arguments as JSON for a launched stage: references as dicts, paths as strings."""
+    def convert(value):
+        if hasattr(value, "to_dict"):
+            return value.to_dict()
+        return str(value) if isinstance(value, Path) else value
+
+    return {name: convert(value) for name, value in arguments.items()}
+
+
 def is_transient(error: BaseException | None) -> bool:
     """Network-ish failures worth a retry; never config, data, or out-of-memory errors."""
     if error is None or isinstance(error, MemoryError):

@@ -9,6 +9,7 @@ it learns anything, so `head_warmup_steps` trains the head alone on a frozen enc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from adaptflow.config import PretrainConfig
 from adaptflow.data import load_texts
+from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime
 from adaptflow.errors import ConfigError
 from adaptflow.evaluate import perplexity
 from adaptflow.lineage import stage_cache_key, stage_lineage
@@ -30,7 +32,6 @@ from adaptflow.train import (
     MetricsSink,
     latest_training_state,
     load_training_state,
-    pick_device,
     save_training_state,
     train,
 )
@@ -58,11 +59,16 @@ def run_pretrain(
     log_metrics: MetricsSink | None = None,
     progress: bool = False,
     trust_remote_code: bool = False,
+    runtime: Runtime = SINGLE,
+    deepspeed: str | dict | None = None,
 ) -> CheckpointRef:
     """Continue pretraining `base` on `train_data`; write `work_dir/pretrain-<key>/final` and return its ref.
 
     A run interrupted after a periodic save (`save_every`) resumes from it when called again with the
     same inputs (same cache key), replaying exactly the steps an uninterrupted run would have taken.
+
+    Under a launcher every rank calls this; `deepspeed` (a DeepSpeed JSON config) runs the loop under ZeRO.
+    Rank 0 alone logs and writes checkpoints.
     """
     log_metrics = log_metrics or (lambda step, metrics: None)
     datasets = [d for d in (train_data, validation_data, replay_data) if d is not None]
@@ -104,7 +110,7 @@ def run_pretrain(
         "epochs": config.max_steps * config.grad_accum_steps / sampler.per_epoch,
     })
 
-    device = pick_device()
+    device = runtime.device()
     model.to(device)
     optimizer, freeze = _optimizer_and_freezing(model, config)
     start_step = 0
@@ -112,6 +118,11 @@ def run_pretrain(
     if (latest := latest_training_state(states)) is not None:
         start_step = load_training_state(latest, model, optimizer)
         log.info("resuming %s from %s (step %d of %d)", STAGE, latest, start_step, config.max_steps)
+    engine = None
+    if deepspeed is not None:
+        engine = DeepSpeedEngine(model, optimizer, runtime, config=deepspeed, micro_batch_size=config.batch_size,
+                                 grad_accum_steps=config.grad_accum_steps, max_grad_norm=config.max_grad_norm,
+                                 bf16=config.bf16)
 
     def evaluate() -> dict[str, float]:
         result = perplexity(model, objective, eval_blocks, batch_size=config.batch_size, device=device, bf16=config.bf16)
@@ -140,8 +151,11 @@ def run_pretrain(
         start_step=start_step,
         step_hooks=[freeze] if freeze else [],
         evaluate=evaluate if eval_blocks is not None else None,
-        save_state=lambda step: save_training_state(states, step, model, tokenizer, optimizer),
-        log_metrics=log_metrics,
+        save_state=lambda step: save_training_state(states, step, model, tokenizer, optimizer)
+        if engine is None and runtime.is_main else None,
+        log_metrics=log_metrics if runtime.is_main else None,
+        runtime=runtime,
+        engine=engine,
     )
     log.info("%s: %d steps, %.0f tokens/s", STAGE, result.steps, result.tokens / max(result.seconds, 1e-9))
 
@@ -155,7 +169,11 @@ def run_pretrain(
         build_run_id=build_run_id,
     )
     final = stage_dir / "final"
-    digest = save_checkpoint(model.cpu(), tokenizer, final, lineage=lineage)
+    digest = ""
+    with engine.full_parameters() if engine is not None else contextlib.nullcontext():
+        if runtime.is_main:
+            digest = save_checkpoint(model.cpu(), tokenizer, final, lineage=lineage)
+    runtime.barrier()
     return CheckpointRef(uri=str(final), digest=digest, stage=STAGE, mlflow_run_id=mlflow_run_id)
 
 

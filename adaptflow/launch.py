@@ -1,0 +1,200 @@
+"""Running a stage on many processes: the launcher (caller side) and the stage entry point (every rank).
+
+    launch_stage("pretrain", arguments, distributed=recipe.distributed, job_dir=...)   # from a Prefect task
+    python -m adaptflow.launch SPEC.json                                              # what each rank runs
+
+`launch_stage` writes a spec (stage name, JSON arguments, MLflow run to log to, where the result goes) and
+starts `torchrun` on it. Rank 0's output is streamed to the caller's log; every rank's output is kept under
+the job's `logs/`. A rank that fails (an exception, a signal, the timeout) fails the stage with that rank's
+last lines in the message, and the other ranks are stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from adaptflow.config import DistributedConfig
+from adaptflow.errors import AdaptflowError
+
+log = logging.getLogger(__name__)
+
+
+class StageFailed(AdaptflowError, RuntimeError):
+    """A launched stage exited with an error, a signal or the timeout."""
+
+
+def launch_stage(stage: str, arguments: dict, *, distributed: DistributedConfig, job_dir: Path,
+                 tracking: dict | None = None) -> dict:
+    """Run `stage` under torchrun with `arguments`; return rank 0's result (the stage's output as JSON)."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    result_path = job_dir / "result.json"
+    result_path.unlink(missing_ok=True)
+    spec = {"stage": stage, "arguments": arguments, "tracking": tracking, "result": str(result_path)}
+    spec_path = job_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    logs = job_dir / "logs"
+    command = torchrun_command(distributed, spec_path, logs)
+    log.info("launching %s on %d node(s) × %d process(es): %s", stage, distributed.nnodes,
+             distributed.nproc_per_node, " ".join(command))
+    returncode, tail = _run(command, _rank_environment(distributed), timeout=distributed.timeout_minutes * 60)
+    if returncode != 0:
+        raise StageFailed(_failure_message(stage, returncode, logs, tail))
+    if not result_path.is_file():
+        raise StageFailed(f"stage {stage} exited cleanly but rank 0 wrote no result at {result_path}")
+    return json.loads(result_path.read_text())
+
+
+def torchrun_command(distributed: DistributedConfig, spec_path: Path, log_dir: Path) -> list[str]:
+    host, _, port = distributed.rdzv_endpoint.rpartition(":")
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={distributed.nnodes}", f"--nproc-per-node={distributed.nproc_per_node}",
+        "--max-restarts=0", f"--log-dir={log_dir}", "--redirects=3", "--tee=3", "--local-ranks-filter=0",
+    ]
+    if distributed.nnodes == 1:
+        command += ["--standalone"]
+    else:  # static rendezvous: node ranks are the recipe's, every node dials node 0
+        command += [f"--node-rank={distributed.node_rank}", f"--master-addr={host}", f"--master-port={port}"]
+    return command + ["-m", "adaptflow.launch", str(spec_path)]
+
+
+def _rank_environment(distributed: DistributedConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = distributed.omp_num_threads or max(1, (os.cpu_count() or 1) // distributed.nproc_per_node)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return env
+
+
+def _run(command: list[str], env: dict[str, str], *, timeout: float) -> tuple[int, list[str]]:
+    """Run `command` in its own process group, logging its output; kill the group at the timeout."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    tail: list[str] = []
+
+    def pump() -> None:
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            log.info("%s", line)
+            tail.append(line)
+            del tail[:-400]
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        returncode = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)
+        time.sleep(5)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        reader.join(timeout=5)
+        raise StageFailed(f"launched stage timed out after {timeout / 60:.0f} minutes "
+                          "(distributed.timeout_minutes); every rank was stopped") from None
+    reader.join(timeout=5)
+    return returncode, tail
+
+
+def _failure_message(stage: str, returncode: int, logs: Path, tail: list[str]) -> str:
+    """Name the rank that failed first (torchrun's "Root Cause"), how, and that rank's last lines."""
+    output = "\n".join(tail)
+    root = output.split("Root Cause", 1)[-1] if "Root Cause" in output else ""
+    rank = re.search(r"local_rank:\s*(\d+)", root)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    if rank is None:
+        lines = "\n".join(f"    {line}" for line in tail[-12:])
+        return f"stage {stage} failed (launcher exit code {returncode}); its last lines:\n{lines}\n(all logs: {logs})"
+    local_rank, exitcode = rank.group(1), int(code.group(1)) if code else returncode
+    how = f"exit code {exitcode}"
+    if exitcode < 0:
+        how = f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+    run_logs = sorted((p for p in logs.glob(f"*/attempt_*/{local_rank}")), key=lambda p: p.stat().st_mtime)
+    lines: list[str] = []
+    if run_logs:
+        error_file = run_logs[-1] / "error.json"
+        if error_file.is_file():
+            try:
+                message = json.loads(error_file.read_text())["message"]
+                lines = str(message.get("message", message) if isinstance(message, dict) else message).splitlines()
+            except (ValueError, KeyError):
+                lines = []
+        if not lines and (run_logs[-1] / "stderr.log").is_file():
+            lines = (run_logs[-1] / "stderr.log").read_text(errors="replace").splitlines()
+    detail = "\n".join(f"    {line}" for line in [line for line in lines if line.strip()][-12:]) or "    (no output)"
+    return (f"stage {stage} failed on local rank {local_rank} ({how}); its last lines:\n{detail}\n"
+            f"(every rank's output: {logs})")
+
+
+# ---------------------------------------------------------------------------------------------- rank side
+
+
+def _pretrain(arguments: dict, runtime, log_metrics):
+    from adaptflow.config import PretrainConfig
+    from adaptflow.refs import CheckpointRef, DatasetRef
+    from adaptflow.stages.pretrain import run_pretrain
+
+    def dataset(name: str) -> DatasetRef | None:
+        return DatasetRef(**arguments[name]) if arguments.get(name) else None
+
+    checkpoint = run_pretrain(
+        PretrainConfig(**arguments["config"]), base=CheckpointRef(**arguments["base"]),
+        train_data=dataset("train_data"), validation_data=dataset("validation_data"),
+        replay_data=dataset("replay_data"), work_dir=arguments["work_dir"], cache_dir=arguments.get("cache_dir"),
+        seed=arguments["seed"], mlflow_run_id=arguments.get("mlflow_run_id"),
+        build_run_id=arguments.get("build_run_id"), log_metrics=log_metrics,
+        trust_remote_code=arguments.get("trust_remote_code", False), runtime=runtime,
+        deepspeed=arguments.get("deepspeed"),
+    )
+    return checkpoint.to_dict()
+
+
+STAGES = {"pretrain": _pretrain}
+
+
+def main(spec_path: str) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from adaptflow.distributed import Runtime
+
+    @record  # writes this rank's exception where torchrun collects it (error.json)
+    def run() -> None:
+        spec = json.loads(Path(spec_path).read_text())
+        runtime = Runtime.from_env()
+        logging.basicConfig(level=logging.INFO, format=f"[rank {runtime.rank}] %(levelname)s %(name)s: %(message)s")
+        log_metrics = None
+        if runtime.is_main and spec.get("tracking"):
+            from mlflow import MlflowClient
+
+            from adaptflow.tracking import metrics_logger
+
+            log_metrics = metrics_logger(MlflowClient(spec["tracking"]["uri"]), spec["tracking"]["run_id"])
+        result = STAGES[spec["stage"]](spec["arguments"], runtime, log_metrics)
+        if runtime.is_main:
+            target = Path(spec["result"])
+            temporary = target.with_suffix(".tmp")
+            temporary.write_text(json.dumps(result | {"world_size": runtime.world_size}))
+            temporary.replace(target)
+
+    run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

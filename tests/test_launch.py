@@ -1,0 +1,104 @@
+"""Stages launched under torchrun by `launch_stage`: results come back from rank 0, a failing or killed rank
+fails the stage with that rank's last lines, and a rerun resumes from the last saved step."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from adaptflow.config import DistributedConfig, ModelConfig, PretrainConfig, TinyModelConfig
+from adaptflow.data import prepare_corpus
+from adaptflow.launch import StageFailed, launch_stage
+from adaptflow.models import materialize_base_model
+from tasks import jsonable
+
+TWO_RANKS = DistributedConfig(launcher="torchrun", nproc_per_node=2, omp_num_threads=1, timeout_minutes=10)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, abstracts):
+    tmp = tmp_path_factory.mktemp("launch")
+    corpus_file = tmp / "abstracts.txt"
+    corpus_file.write_text("\n".join(abstracts))
+    corpus = prepare_corpus(str(corpus_file), name="abstracts", out_dir=tmp / "data", validation_fraction=0.1)
+    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                           max_position_embeddings=64, vocab_size=300)
+    base = materialize_base_model(ModelConfig(tiny=tiny), out_dir=tmp / "models", tokenizer_texts=abstracts, seed=0)
+    return {"base": base, "train_data": corpus.train, "validation_data": None, "replay_data": None, "seed": 0}
+
+
+def arguments(inputs, work_dir: Path, **config) -> dict:
+    settings = PretrainConfig(corpus="abstracts", block_size=32, batch_size=4, eval_every=0, log_every=1,
+                              **{"max_steps": 6, **config})
+    return {"config": settings.model_dump(mode="json")} | jsonable(inputs | {"work_dir": work_dir})
+
+
+def test_a_launched_stage_returns_rank_zeros_checkpoint(inputs, tmp_path):
+    result = launch_stage("pretrain", arguments(inputs, tmp_path / "stages"), distributed=TWO_RANKS,
+                          job_dir=tmp_path / "job")
+    assert result["world_size"] == 2 and result["stage"] == "pretrain"
+    assert (Path(result["uri"]) / "model.safetensors").is_file() and len(result["digest"]) == 16
+    assert sorted(p.name for p in (tmp_path / "job" / "logs").glob("*/attempt_0/*")) == ["0", "1"]
+
+
+def test_an_error_on_the_ranks_fails_the_stage_with_their_last_lines(inputs, tmp_path):
+    broken = inputs | {"base": dataclasses.replace(inputs["base"], uri=str(tmp_path / "missing"))}
+    with pytest.raises(StageFailed, match=r"(?s)failed on local rank \d.*missing"):
+        launch_stage("pretrain", arguments(broken, tmp_path / "stages"), distributed=TWO_RANKS,
+                     job_dir=tmp_path / "job")
+
+
+def rank_pids(spec: Path) -> dict[int, int]:
+    """PID of each local rank running `spec` (torchrun's workers carry LOCAL_RANK in their environment)."""
+    found = subprocess.run(["pgrep", "-f", f"adaptflow.launch {spec}"], capture_output=True, text=True).stdout
+    pids = {}
+    for pid in map(int, found.split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"LOCAL_RANK=")]
+        if ranks:
+            pids[int(ranks[0])] = pid
+    return pids
+
+
+def test_kill_9_of_one_rank_fails_the_stage_and_the_rerun_resumes_from_the_last_save(inputs, tmp_path):
+    args = arguments(inputs, tmp_path / "stages", max_steps=400, save_every=5)
+    job = tmp_path / "job"
+    states = tmp_path / "stages"
+
+    def kill_rank_one_after_a_save() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            saved = sorted(states.glob("pretrain-*/checkpoints/step-*/trainer_state.json"))
+            if saved and (pids := rank_pids(job / "spec.json")).get(1):
+                os.kill(pids[1], signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_rank_one_after_a_save)
+    killer.start()
+    with pytest.raises(StageFailed, match="failed") as failure:
+        launch_stage("pretrain", args, distributed=TWO_RANKS, job_dir=job)
+    killer.join()
+    assert "failed on local rank 1 (killed by signal 9 (SIGKILL))" in str(failure.value), str(failure.value)
+    saved_step = int(sorted(states.glob("pretrain-*/checkpoints/step-*"))[-1].name.split("-")[1])
+    assert 0 < saved_step < 400
+
+    rerun = launch_stage("pretrain", arguments(inputs, states, max_steps=400, save_every=5), distributed=TWO_RANKS,
+                         job_dir=job)
+    assert rerun["world_size"] == 2
+    latest = max(job.glob("logs/*/attempt_0/0/stderr.log"), key=lambda p: p.stat().st_mtime)  # the rerun's
+    rank0_log = latest.read_text()
+    resumed = re.search(r"resuming pretrain from .* \(step (\d+) of 400\)", rank0_log)
+    assert resumed and int(resumed.group(1)) >= saved_step, rank0_log[-2000:]
+    print(f"killed after step {saved_step} was saved; the rerun resumed at step {resumed.group(1)}")
