@@ -7,7 +7,6 @@ import dataclasses
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -58,16 +57,17 @@ def test_an_error_on_the_ranks_fails_the_stage_with_their_last_lines(inputs, tmp
 
 def rank_pids(spec: Path) -> dict[int, int]:
     """PID of each local rank running `spec` (torchrun's workers carry LOCAL_RANK in their environment)."""
-    found = subprocess.run(["pgrep", "-f", f"adaptflow.launch {spec}"], capture_output=True, text=True).stdout
     pids = {}
-    for pid in map(int, found.split()):
+    for proc in Path("/proc").iterdir():
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if not proc.name.isdigit() or str(spec).encode() not in (proc / "cmdline").read_bytes():
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
         ranks = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"LOCAL_RANK=")]
         if ranks:
-            pids[int(ranks[0])] = pid
+            pids[int(ranks[0])] = int(proc.name)
     return pids
 
 
