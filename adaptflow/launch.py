@@ -166,7 +166,29 @@ def _pretrain(arguments: dict, runtime, log_metrics):
     return checkpoint.to_dict()
 
 
-STAGES = {"pretrain": _pretrain}
+def _finetune(arguments: dict, runtime, log_metrics):
+    import dataclasses
+
+    from adaptflow.config import FinetuneConfig
+    from adaptflow.labelled import TaskSplits
+    from adaptflow.refs import CheckpointRef, DatasetRef
+    from adaptflow.stages.finetune import run_finetune
+
+    task = arguments["task"]
+    splits = TaskSplits(**task | {name: DatasetRef(**task[name]) if task.get(name) else None
+                                  for name in ("train", "validation", "test")} | {"labels": tuple(task["labels"])})
+    result = run_finetune(
+        FinetuneConfig(**arguments["config"]), task=splits, base=CheckpointRef(**arguments["base"]),
+        work_dir=arguments["work_dir"], seed=arguments["seed"],
+        fisher_data=DatasetRef(**arguments["fisher_data"]) if arguments.get("fisher_data") else None,
+        mlflow_run_id=arguments.get("mlflow_run_id"), build_run_id=arguments.get("build_run_id"),
+        log_metrics=log_metrics, trust_remote_code=arguments.get("trust_remote_code", False), runtime=runtime,
+        deepspeed=arguments.get("deepspeed"),
+    )
+    return dataclasses.asdict(result)
+
+
+STAGES = {"pretrain": _pretrain, "finetune": _finetune}
 
 
 def main(spec_path: str) -> None:

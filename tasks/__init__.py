@@ -6,6 +6,7 @@ out-of-memory fails at once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ def jsonable(arguments: dict) -> dict:
     def convert(value):
         if hasattr(value, "to_dict"):
             return value.to_dict()
+        if dataclasses.is_dataclass(value):
+            return dataclasses.asdict(value)
         return str(value) if isinstance(value, Path) else value
 
     return {name: convert(value) for name, value in arguments.items()}

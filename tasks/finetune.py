@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from adaptflow.launch import launch_stage
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.finetune import (
     STAGE,
@@ -15,7 +16,7 @@ from adaptflow.stages.finetune import (
     run_finetune,
 )
 from adaptflow.tracking import log_dataset, log_directory, metrics_logger
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+from tasks import RETRIES, RETRY_DELAYS, BuildContext, jsonable, retry_transient, stage_run
 from tasks.prepare import PreparedInputs
 
 
@@ -39,11 +40,25 @@ def finetune(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs, seed:
         for split in ("train", "validation", "test"):
             if (ref := getattr(splits, split)) is not None:
                 log_dataset(client, run_id, ref, context=split)
-        result = run_finetune(
-            config, task=splits, base=base, work_dir=ctx.workdir / "stages", seed=seed, fisher_data=fisher,
-            mlflow_run_id=run_id, build_run_id=ctx.build_run_id, log_metrics=metrics_logger(client, run_id),
-            progress=ctx.progress, trust_remote_code=ctx.recipe.model.trust_remote_code,
+        arguments = dict(
+            task=splits, base=base, work_dir=ctx.workdir / "stages", seed=seed, fisher_data=fisher,
+            mlflow_run_id=run_id, build_run_id=ctx.build_run_id, trust_remote_code=ctx.recipe.model.trust_remote_code,
+            deepspeed=ctx.recipe.distributed.deepspeed,
         )
+        distributed = ctx.recipe.distributed
+        if distributed.launcher == "none":
+            result = run_finetune(config, **arguments, log_metrics=metrics_logger(client, run_id),
+                                  progress=ctx.progress)
+        else:
+            launched = launch_stage(
+                STAGE, {"config": config.model_dump(mode="json")} | jsonable(arguments), distributed=distributed,
+                job_dir=ctx.workdir / "launch" / f"{STAGE}-{tags['adaptflow.cache_key']}",
+                tracking={"uri": ctx.tracking.uri, "run_id": run_id},
+            )
+            client.set_tag(run_id, "adaptflow.world_size", launched.pop("world_size"))
+            result = FinetuneResult.from_dict(launched)
+        client.set_tag(run_id, "adaptflow.distributed", distributed.launcher)
+        client.set_tag(run_id, "adaptflow.deepspeed", distributed.deepspeed or "")
         metrics_logger(client, run_id)(int(result.metrics["steps"]), result.metrics)
         for report in result.reports:
             client.log_artifact(run_id, report, artifact_path="reports")

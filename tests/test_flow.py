@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -142,3 +143,18 @@ def test_adversarial_stage_guard_decision_reaches_mlflow_and_the_summary(tmp_pat
     assert client.get_run(summary["build_run_id"]).data.tags["adaptflow.adapt.guard"] == stage["guard"]
     expected = run.data.tags["adaptflow.adapted.uri" if stage["guard"] == "accepted" else "adaptflow.input_checkpoint.uri"]
     assert stage["checkpoint_uri"] == expected
+
+
+def test_a_build_launches_its_training_stages_on_two_ranks_under_torchrun(tmp_path, tiny_overrides):
+    """`--set distributed.launcher=torchrun --set distributed.nproc_per_node=2`, with DeepSpeed ZeRO-2."""
+    distributed = ["distributed.launcher=torchrun", "distributed.nproc_per_node=2",
+                   f"distributed.deepspeed={DOMAINS.parent / 'infra/deepspeed/zero2.json'}"]
+    summary, client = run_build(tmp_path, tiny_overrides + distributed)
+    assert list(summary["stages"]) == ["prepare", "pretrain", "finetune-seed1", "finetune-seed2", "evaluate"]
+    for name in ("pretrain", "finetune-seed1", "finetune-seed2"):
+        run = client.get_run(summary["stages"][name]["run_id"])
+        assert run.data.tags["adaptflow.world_size"] == "2" and run.data.tags["adaptflow.distributed"] == "torchrun"
+        assert run.data.tags["adaptflow.deepspeed"].endswith("zero2.json")
+        assert len(client.get_metric_history(run.info.run_id, "loss")) > 1  # rank 0 logged while training
+        assert (Path(run.data.tags["adaptflow.checkpoint.uri"]) / "model.safetensors").is_file()
+    assert "finetune.test_micro_f1_mean" in client.get_run(summary["build_run_id"]).data.metrics

@@ -22,6 +22,7 @@ import torch
 
 from adaptflow.config import FinetuneConfig
 from adaptflow.data import load_texts
+from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime
 from adaptflow.errors import ConfigError, DataError
 from adaptflow.labelled import TaskSplits, load_records
 from adaptflow.lineage import stage_cache_key, stage_lineage
@@ -42,7 +43,7 @@ from adaptflow.peft import apply_strategy, layerwise_lr_groups, param_groups, tr
 from adaptflow.refs import CheckpointRef, DatasetRef
 from adaptflow.regularizers import AnchorPenalty, anchored_parameters, diagonal_fisher
 from adaptflow.tokenize import pack_blocks, tokenize_corpus
-from adaptflow.train import BatchSampler, EarlyStopping, LoopSettings, MetricsSink, pick_device, train
+from adaptflow.train import BatchSampler, EarlyStopping, LoopSettings, MetricsSink, train
 
 log = logging.getLogger(__name__)
 STAGE = "finetune"
@@ -59,6 +60,11 @@ class FinetuneResult:
     selection_metric: str
     selection_mode: str
     reports: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FinetuneResult:
+        """Back from `dataclasses.asdict` (a launched stage's JSON result)."""
+        return cls(**data | {"checkpoint": CheckpointRef(**data["checkpoint"]), "reports": tuple(data["reports"])})
 
     @property
     def selection_value(self) -> float:
@@ -93,8 +99,15 @@ def run_finetune(
     log_metrics: MetricsSink | None = None,
     progress: bool = False,
     trust_remote_code: bool = False,
+    runtime: Runtime = SINGLE,
+    deepspeed: str | dict | None = None,
 ) -> FinetuneResult:
-    log_metrics = log_metrics or (lambda step, metrics: None)
+    """Fine-tune `base` on `task` with one seed; write `work_dir/finetune-<key>/final` (and reports).
+
+    Under a launcher every rank calls this (evaluation runs on every rank, so ZeRO-3 can gather); rank 0
+    alone logs, writes reports and the checkpoint. `deepspeed` (a DeepSpeed JSON config) runs the loop under ZeRO.
+    """
+    log_metrics = (log_metrics if runtime.is_main else None) or (lambda step, metrics: None)
     kind = task.kind
     key = finetune_cache_key(config, base, task, seed)
     stage_dir = Path(work_dir) / f"{STAGE}-{key}"
@@ -120,7 +133,7 @@ def run_finetune(
         unfreeze_every=config.unfreeze_every, total_steps=max_steps, new_parameters=new_parameters,
     )
     model = strategy.model
-    device = pick_device()
+    device = runtime.device()
     model.to(device)
     fisher_texts = None
     if config.regularizer is not None and config.regularizer.type == "ewc":
@@ -137,6 +150,13 @@ def run_finetune(
         groups += param_groups([p for n, p in named if n in new_parameters], config.head_lr or config.lr,
                                config.weight_decay, name="head")
     optimizer = torch.optim.AdamW(groups, lr=config.lr, **({"fused": True} if device.type == "cuda" else {}))
+    engine = None
+    if deepspeed is not None:
+        engine = DeepSpeedEngine(model, optimizer, runtime, config=deepspeed, micro_batch_size=config.batch_size,
+                                 grad_accum_steps=config.grad_accum_steps, max_grad_norm=config.max_grad_norm,
+                                 bf16=config.bf16)
+        if engine.zero_stage == 3:
+            raise ConfigError("fine-tuning under ZeRO-3 is not supported yet (issue 5): use infra/deepspeed/zero2.json")
 
     sampler = BatchSampler(
         train_items, config.batch_size, seed,
@@ -170,17 +190,20 @@ def run_finetune(
         evaluate=validate if val_items else None,
         early_stopping=early,
         log_metrics=log_metrics,
+        runtime=runtime,
+        engine=engine,
     )
 
     # Validation scores of the weights kept (the best ones when early stopping restored them).
     metrics: dict[str, float] = {"steps": float(result.steps), **result.eval_metrics}
     reports_dir = stage_dir / "reports"
-    reports_dir.mkdir(parents=True, exist_ok=True)
     reports: list[str] = []
     if test_items:
         scores, report = score(model, objective, test_items, kind, labels, batch_size=EVAL_BATCH,
                                device=device, with_report=True)
         metrics |= {f"test_{k}": v for k, v in scores.items()}
+    if test_items and runtime.is_main:
+        reports_dir.mkdir(parents=True, exist_ok=True)
         report_path = reports_dir / "test_report.json"
         report_path.write_text(json.dumps(report, indent=2, default=_plain))
         reports.append(str(report_path))
@@ -197,23 +220,32 @@ def run_finetune(
         mlflow_run_id=mlflow_run_id, build_run_id=build_run_id,
     ) | {"strategy": config.strategy, "metrics": metrics}
     final = stage_dir / "final"
+    checkpoint = CheckpointRef(uri=str(final), digest="", stage=STAGE, mlflow_run_id=mlflow_run_id)
+    if runtime.is_main:
+        checkpoint = _save_final(model, tokenizer, stage_dir, lineage, is_peft=strategy.is_peft)
+        checkpoint = CheckpointRef(uri=str(final), digest=checkpoint, stage=STAGE, mlflow_run_id=mlflow_run_id)
+    runtime.barrier()
+    return FinetuneResult(checkpoint=checkpoint, seed=seed, metrics=metrics, selection_metric=metric,
+                          selection_mode=mode, reports=tuple(reports))
+
+
+def _save_final(model, tokenizer, stage_dir: Path, lineage: dict, *, is_peft: bool) -> str:
+    """Write `stage_dir/final` (a PEFT model merged, its adapter alone in `final/adapter`); return the digest."""
+    final = stage_dir / "final"
     model.cpu()
-    if strategy.is_peft:
+    if is_peft:
         adapter_dir = stage_dir / "adapter"
         model.save_pretrained(adapter_dir)
         model = model.merge_and_unload()
         lineage["adapter_dir"] = str(adapter_dir)
     digest = save_checkpoint(model, tokenizer, final, lineage=lineage)
-    if strategy.is_peft:
+    if is_peft:
         # The adapter alone sits beside the merged model, inside the checkpoint directory.
         (final / "adapter").mkdir()
         for f in Path(stage_dir / "adapter").iterdir():
             f.replace(final / "adapter" / f.name)
         Path(stage_dir / "adapter").rmdir()
-    return FinetuneResult(
-        checkpoint=CheckpointRef(uri=str(final), digest=digest, stage=STAGE, mlflow_run_id=mlflow_run_id),
-        seed=seed, metrics=metrics, selection_metric=metric, selection_mode=mode, reports=tuple(reports),
-    )
+    return digest
 
 
 def aggregate_seeds(results: list[FinetuneResult]) -> dict[str, float]:
