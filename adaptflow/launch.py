@@ -33,8 +33,12 @@ class StageFailed(AdaptflowError, RuntimeError):
 
 
 def launch_stage(stage: str, arguments: dict, *, distributed: DistributedConfig, job_dir: Path,
-                 tracking: dict | None = None) -> dict:
-    """Run `stage` under torchrun with `arguments`; return rank 0's result (the stage's output as JSON)."""
+                 tracking: dict | None = None) -> dict | None:
+    """Run `stage` under torchrun with `arguments`; return rank 0's result (the stage's output as JSON).
+
+    With several nodes every node calls this with its own `distributed.node_rank`; only node 0 gets the
+    result back (the others return None once their ranks finished cleanly).
+    """
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     result_path = job_dir / "result.json"
@@ -49,6 +53,8 @@ def launch_stage(stage: str, arguments: dict, *, distributed: DistributedConfig,
     returncode, tail = _run(command, _rank_environment(distributed), timeout=distributed.timeout_minutes * 60)
     if returncode != 0:
         raise StageFailed(_failure_message(stage, returncode, logs, tail))
+    if distributed.node_rank != 0:
+        return None
     if not result_path.is_file():
         raise StageFailed(f"stage {stage} exited cleanly but rank 0 wrote no result at {result_path}")
     return json.loads(result_path.read_text())

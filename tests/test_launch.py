@@ -7,6 +7,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -53,6 +54,27 @@ def test_an_error_on_the_ranks_fails_the_stage_with_their_last_lines(inputs, tmp
     with pytest.raises(StageFailed, match=r"(?s)failed on local rank \d.*missing"):
         launch_stage("pretrain", arguments(broken, tmp_path / "stages"), distributed=TWO_RANKS,
                      job_dir=tmp_path / "job")
+
+
+def test_two_nodes_of_one_process_each_rendezvous_on_loopback(inputs, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = {}
+
+    def node(rank: int) -> None:
+        nodes = DistributedConfig(launcher="torchrun", nnodes=2, node_rank=rank, nproc_per_node=1,
+                                  rdzv_endpoint=f"127.0.0.1:{port}", omp_num_threads=1, timeout_minutes=10)
+        results[rank] = launch_stage("pretrain", arguments(inputs, tmp_path / "stages"), distributed=nodes,
+                                     job_dir=tmp_path / f"node{rank}")
+
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results[1] is None and results[0]["world_size"] == 2
+    assert (Path(results[0]["uri"]) / "model.safetensors").is_file()
 
 
 def rank_pids(spec: Path) -> dict[int, int]:
