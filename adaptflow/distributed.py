@@ -78,6 +78,15 @@ class Runtime:
 
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group together (a rank exiting with gloo's group still open can abort:
+        "terminate called without an active exception", seen once with ZeRO-3 on 2 ranks)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def device(self) -> torch.device:
         if torch.cuda.is_available() and os.environ.get("ADAPTFLOW_DEVICE", "") != "cpu":
             return torch.device("cuda", self.local_rank)

@@ -55,6 +55,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_file(weights, out / "weights.safetensors")
         (out / "losses.json").write_text(json.dumps({"losses": losses, "world_size": runtime.world_size}))
+    runtime.close()
 
 
 if __name__ == "__main__":
