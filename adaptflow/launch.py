@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from adaptflow.config import DistributedConfig
 from adaptflow.errors import AdaptflowError
 
@@ -79,13 +81,8 @@ def _rank_environment(distributed: DistributedConfig) -> dict[str, str]:
     threads = distributed.omp_num_threads or max(1, (os.cpu_count() or 1) // distributed.nproc_per_node)
     env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 

@@ -42,13 +42,34 @@ class BuildContext:
 def jsonable(arguments: dict) -> dict:
     """Stage arguments as JSON for a launched stage: references as dicts, paths as strings."""
     def convert(value):
-        if hasattr(value, "to_dict"):
-            return value.to_dict()
         if dataclasses.is_dataclass(value):
             return dataclasses.asdict(value)
         return str(value) if isinstance(value, Path) else value
 
     return {name: convert(value) for name, value in arguments.items()}
+
+
+def run_or_launch(ctx: BuildContext, stage: str, run, config, arguments: dict, *, from_json, client, run_id: str,
+                  key: str):
+    """Run a training stage in this process, or launch it on the recipe's ranks (`distributed:`).
+
+    `run(config, **arguments, …)` is the stage function; `from_json` rebuilds its result from a launched
+    stage's JSON. Tags the MLflow run with how it ran.
+    """
+    from adaptflow.launch import launch_stage
+    from adaptflow.tracking import metrics_logger
+
+    distributed = ctx.recipe.distributed
+    arguments = arguments | {"deepspeed": distributed.deepspeed}
+    client.set_tag(run_id, "adaptflow.distributed", distributed.launcher)
+    client.set_tag(run_id, "adaptflow.deepspeed", distributed.deepspeed or "")
+    if distributed.launcher == "none":
+        return run(config, **arguments, log_metrics=metrics_logger(client, run_id), progress=ctx.progress)
+    result = launch_stage(stage, {"config": config.model_dump(mode="json")} | jsonable(arguments),
+                          distributed=distributed, job_dir=ctx.workdir / "launch" / f"{stage}-{key}",
+                          tracking={"uri": ctx.tracking.uri, "run_id": run_id})
+    client.set_tag(run_id, "adaptflow.world_size", result.pop("world_size"))
+    return from_json(result)
 
 
 def is_transient(error: BaseException | None) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adaptflow.launch import launch_stage
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.finetune import (
     STAGE,
@@ -16,7 +15,7 @@ from adaptflow.stages.finetune import (
     run_finetune,
 )
 from adaptflow.tracking import log_dataset, log_directory, metrics_logger
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, jsonable, retry_transient, stage_run
+from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, run_or_launch, stage_run
 from tasks.prepare import PreparedInputs
 
 
@@ -43,22 +42,9 @@ def finetune(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs, seed:
         arguments = dict(
             task=splits, base=base, work_dir=ctx.workdir / "stages", seed=seed, fisher_data=fisher,
             mlflow_run_id=run_id, build_run_id=ctx.build_run_id, trust_remote_code=ctx.recipe.model.trust_remote_code,
-            deepspeed=ctx.recipe.distributed.deepspeed,
         )
-        distributed = ctx.recipe.distributed
-        if distributed.launcher == "none":
-            result = run_finetune(config, **arguments, log_metrics=metrics_logger(client, run_id),
-                                  progress=ctx.progress)
-        else:
-            launched = launch_stage(
-                STAGE, {"config": config.model_dump(mode="json")} | jsonable(arguments), distributed=distributed,
-                job_dir=ctx.workdir / "launch" / f"{STAGE}-{tags['adaptflow.cache_key']}",
-                tracking={"uri": ctx.tracking.uri, "run_id": run_id},
-            )
-            client.set_tag(run_id, "adaptflow.world_size", launched.pop("world_size"))
-            result = FinetuneResult.from_dict(launched)
-        client.set_tag(run_id, "adaptflow.distributed", distributed.launcher)
-        client.set_tag(run_id, "adaptflow.deepspeed", distributed.deepspeed or "")
+        result = run_or_launch(ctx, STAGE, run_finetune, config, arguments, from_json=FinetuneResult.from_dict,
+                               client=client, run_id=run_id, key=tags["adaptflow.cache_key"])
         metrics_logger(client, run_id)(int(result.metrics["steps"]), result.metrics)
         for report in result.reports:
             client.log_artifact(run_id, report, artifact_path="reports")

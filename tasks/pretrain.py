@@ -5,11 +5,10 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adaptflow.launch import launch_stage
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.pretrain import STAGE, pretrain_cache_key, run_pretrain
-from adaptflow.tracking import log_dataset, log_directory, metrics_logger
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, jsonable, retry_transient, stage_run
+from adaptflow.tracking import log_dataset, log_directory
+from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, run_or_launch, stage_run
 from tasks.prepare import PreparedInputs
 
 
@@ -35,22 +34,10 @@ def pretrain(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> Ch
         arguments = dict(
             base=base, train_data=corpus.train, validation_data=corpus.validation if corpus.validation.rows else None,
             replay_data=replay, work_dir=ctx.workdir / "stages", cache_dir=ctx.cache_dir, seed=ctx.recipe.seed,
-            mlflow_run_id=run_id, build_run_id=ctx.build_run_id,
-            trust_remote_code=ctx.recipe.model.trust_remote_code, deepspeed=ctx.recipe.distributed.deepspeed,
+            mlflow_run_id=run_id, build_run_id=ctx.build_run_id, trust_remote_code=ctx.recipe.model.trust_remote_code,
         )
-        distributed = ctx.recipe.distributed
-        if distributed.launcher == "none":
-            checkpoint = run_pretrain(config, **arguments, log_metrics=metrics_logger(client, run_id),
-                                      progress=ctx.progress)
-        else:
-            result = launch_stage(
-                STAGE, {"config": config.model_dump(mode="json")} | jsonable(arguments), distributed=distributed,
-                job_dir=ctx.workdir / "launch" / f"{STAGE}-{key}", tracking={"uri": ctx.tracking.uri, "run_id": run_id},
-            )
-            client.set_tag(run_id, "adaptflow.world_size", result.pop("world_size"))
-            checkpoint = CheckpointRef(**result)
-        client.set_tag(run_id, "adaptflow.distributed", distributed.launcher)
-        client.set_tag(run_id, "adaptflow.deepspeed", distributed.deepspeed or "")
+        checkpoint = run_or_launch(ctx, STAGE, run_pretrain, config, arguments, from_json=lambda r: CheckpointRef(**r),
+                                   client=client, run_id=run_id, key=key)
         artifact_uri = log_directory(client, run_id, checkpoint.uri, "checkpoint")
         client.log_artifact(run_id, f"{checkpoint.uri}/lineage.json")
         client.set_tag(run_id, "adaptflow.checkpoint.uri", checkpoint.uri)

@@ -10,6 +10,7 @@ checkpoint; PEFT results are saved both as the adapter alone (`adapter/`) and me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -222,8 +223,8 @@ def run_finetune(
     final = stage_dir / "final"
     checkpoint = CheckpointRef(uri=str(final), digest="", stage=STAGE, mlflow_run_id=mlflow_run_id)
     if runtime.is_main:
-        checkpoint = _save_final(model, tokenizer, stage_dir, lineage, is_peft=strategy.is_peft)
-        checkpoint = CheckpointRef(uri=str(final), digest=checkpoint, stage=STAGE, mlflow_run_id=mlflow_run_id)
+        digest = _save_final(model, tokenizer, stage_dir, lineage, is_peft=strategy.is_peft)
+        checkpoint = dataclasses.replace(checkpoint, digest=digest)
     runtime.barrier()
     return FinetuneResult(checkpoint=checkpoint, seed=seed, metrics=metrics, selection_metric=metric,
                           selection_mode=mode, reports=tuple(reports))
