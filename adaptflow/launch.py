@@ -116,16 +116,33 @@ def _run(command: list[str], env: dict[str, str], *, timeout: float) -> tuple[in
     return returncode, tail
 
 
+# A rank that lost its peers (the collective's connection dropped) or that the launcher stopped with SIGTERM
+# after another rank died is a casualty, not the cause; torchrun's "first observed failure" can be such a rank
+# when the real cause (say a SIGKILL, which leaves no error file) is observed a moment later.
+_CASUALTY = re.compile(r"Connection (reset|closed) by peer|Broken pipe|Socket closed|SIGTERM")
+
+
+def _root_cause(output: str) -> tuple[str, int] | None:
+    """(local rank, exit code) of the rank that caused a torchrun failure, from its failure summary."""
+    summary = output.rsplit("Failures:", 1)[-1] if "Failures:" in output else ""
+    failures = [(m.group(1), int(m.group(2)), m.group(3)) for m in re.finditer(
+        r"local_rank:\s*(\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)(.*?)(?=\n\[\d+\]:|\n-{5,}|\n={5,}|\Z)",
+        summary, re.S)]
+    if not failures:
+        return None
+    causes = [f for f in failures if not _CASUALTY.search(f[2])]
+    torchrun_root = failures[-1]  # the summary lists the "first observed failure" last
+    local_rank, exitcode, _ = torchrun_root if torchrun_root in causes or not causes else causes[0]
+    return local_rank, exitcode
+
+
 def _failure_message(stage: str, returncode: int, logs: Path, tail: list[str]) -> str:
-    """Name the rank that failed first (torchrun's "Root Cause"), how, and that rank's last lines."""
-    output = "\n".join(tail)
-    root = output.split("Root Cause", 1)[-1] if "Root Cause" in output else ""
-    rank = re.search(r"local_rank:\s*(\d+)", root)
-    code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
-    if rank is None:
+    """Name the rank that caused the failure, how it ended, and that rank's last lines."""
+    cause = _root_cause("\n".join(tail))
+    if cause is None:
         lines = "\n".join(f"    {line}" for line in tail[-12:])
         return f"stage {stage} failed (launcher exit code {returncode}); its last lines:\n{lines}\n(all logs: {logs})"
-    local_rank, exitcode = rank.group(1), int(code.group(1)) if code else returncode
+    local_rank, exitcode = cause
     how = f"exit code {exitcode}"
     if exitcode < 0:
         how = f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"

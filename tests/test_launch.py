@@ -4,6 +4,7 @@ fails the stage with that rank's last lines, and a rerun resumes from the last s
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import pytest
 
 from adaptflow.config import DistributedConfig, ModelConfig, PretrainConfig, TinyModelConfig
 from adaptflow.data import prepare_corpus
-from adaptflow.launch import StageFailed, launch_stage
+from adaptflow.launch import StageFailed, _root_cause, launch_stage
 from adaptflow.models import materialize_base_model
 from tasks import jsonable
 
@@ -124,3 +125,23 @@ def test_kill_9_of_one_rank_fails_the_stage_and_the_rerun_resumes_from_the_last_
     resumed = re.search(r"resuming pretrain from .* \(step (\d+) of 400\)", rank0_log)
     assert resumed and int(resumed.group(1)) >= saved_step, rank0_log[-2000:]
     print(f"killed after step {saved_step} was saved; the rerun resumed at step {resumed.group(1)}")
+
+
+def test_a_rank_that_lost_its_peers_is_not_named_as_the_cause(tmp_path):
+    """torchrun calls the earliest failure the root cause; a rank whose collective broke because its peer was
+    SIGKILLed writes its error file before torchrun notices the kill, so the summary must be read, not trusted."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": {"message": "RuntimeError: [gloo/pair.cc:537] Read error "
+                                                  "[127.0.0.1]:403: Connection reset by peer",
+                                                  "extraInfo": {"timestamp": int(time.time()) - 5}}}))
+    summary = ChildFailedError("adaptflow.launch", {
+        0: ProcessFailure(local_rank=0, pid=100, exitcode=-15, error_file=str(error_file)),
+        1: ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file=str(tmp_path / "none.json")),
+    })
+    assert "local_rank: 0" in str(summary).rsplit("Root Cause", 1)[1]  # torchrun's pick: the casualty
+    assert _root_cause(str(summary)) == ("1", -9)
+    lone = ChildFailedError("adaptflow.launch", {
+        0: ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file=str(tmp_path / "none.json"))})
+    assert _root_cause(str(lone)) == ("0", 1)
