@@ -21,11 +21,21 @@ import datetime
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+from adaptflow.checkpointing import (
+    STATE_FILE,
+    load_training_state,
+    mark_complete,
+    safetensors_checkpoint_engine,
+    save_training_state,
+    state_dir,
+)
 from adaptflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,6 +97,16 @@ class Runtime:
             dist.barrier()
             dist.destroy_process_group()
 
+    def exit(self) -> NoReturn:
+        """Leave the group, flush, and end the process without C++ teardown. With DeepSpeed on gloo, static
+        destructors at interpreter exit abort about one rank exit in four ("terminate called without an
+        active exception", SIGABRT after all work and output are done), which would fail a finished stage."""
+        self.close()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
     def device(self) -> torch.device:
         if torch.cuda.is_available() and os.environ.get("ADAPTFLOW_DEVICE", "") != "cpu":
             return torch.device("cuda", self.local_rank)
@@ -132,8 +152,19 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
-    def full_parameters(self):
+    def full_parameters(self, *, modify: bool = False):
         yield
+
+    def save_state(self, directory: Path, step: int, tokenizer) -> None:
+        """Rank 0 writes weights and optimizer state as safetensors (they are the same on every rank)."""
+        if self.runtime.is_main:
+            save_training_state(directory, step, self.module, tokenizer, self.optimizer)
+        self.runtime.barrier()
+
+    def load_state(self, state: Path) -> int:
+        if _saved_by(state).get("deepspeed"):
+            raise _format_changed(state, "under DeepSpeed", "without it")
+        return load_training_state(state, self.module, self.optimizer)
 
 
 class DeepSpeedEngine:
@@ -155,6 +186,7 @@ class DeepSpeedEngine:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         deepspeed.init_distributed(dist_backend="nccl" if runtime.device().type == "cuda" else "gloo")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.engine.checkpoint_engine = safetensors_checkpoint_engine()  # DeepSpeed's layout, no pickle
         self.module, self.runtime, self.config = self.engine, runtime, config
         self.zero_stage = self.engine.zero_optimization_stage()
 
@@ -175,15 +207,43 @@ class DeepSpeedEngine:
         pass  # done by DeepSpeed at the boundary
 
     @contextlib.contextmanager
-    def full_parameters(self):
-        """Every parameter whole on every rank inside the block (ZeRO-3 partitions them)."""
+    def full_parameters(self, *, modify: bool = False):
+        """Every parameter whole on every rank inside the block (ZeRO-3 partitions them). With `modify`, what
+        rank 0 writes into them is kept (scattered back to the shards) when the block ends."""
         if self.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+            params = list(self.engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
                 yield
         else:
             yield
+
+    def save_state(self, directory: Path, step: int, tokenizer) -> None:
+        """Every rank writes its own ZeRO shard (DeepSpeed's checkpoint layout, safetensors inside)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(directory), tag=state_dir(directory, step).name, save_latest=False)
+        self.runtime.barrier()
+        if self.runtime.is_main:
+            for script in directory.glob("zero_to_*.py"):  # DeepSpeed's converters read torch.save files only
+                script.unlink()
+            mark_complete(directory, step, deepspeed=True, world_size=self.runtime.world_size,
+                          zero_stage=self.zero_stage)
+        self.runtime.barrier()
+
+    def load_state(self, state: Path) -> int:
+        saved = _saved_by(state)
+        if not saved.get("deepspeed"):
+            raise _format_changed(state, "without DeepSpeed", "under it")
+        if (saved["world_size"], saved["zero_stage"]) != (self.runtime.world_size, self.zero_stage):
+            raise ConfigError(
+                f"{state} holds ZeRO-{saved['zero_stage']} shards of {saved['world_size']} rank(s); this run has "
+                f"{self.runtime.world_size} rank(s) under ZeRO-{self.zero_stage}. Resume with the same layout, "
+                "or delete that directory to start the stage over"
+            )
+        self.engine.load_checkpoint(str(state.parent), tag=state.name, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+        return int(saved["step"])
 
 
 def resolve_deepspeed_config(config: dict | str | Path, *, micro_batch_size: int, grad_accum_steps: int,
@@ -213,6 +273,15 @@ def resolve_deepspeed_config(config: dict | str | Path, *, micro_batch_size: int
         config["bf16"] = {"enabled": True}
     config.setdefault("steps_per_print", 10**9)  # the loop logs
     return config
+
+
+def _saved_by(state: Path) -> dict:
+    return json.loads((state / STATE_FILE).read_text())
+
+
+def _format_changed(state: Path, saved: str, now: str) -> ConfigError:
+    return ConfigError(f"{state} was saved {saved} and this run is {now}; resume it as it was launched, "
+                       "or delete that directory to start the stage over")
 
 
 def _free_port() -> int:

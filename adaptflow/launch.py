@@ -234,7 +234,7 @@ def main(spec_path: str) -> None:
             temporary = target.with_suffix(".tmp")
             temporary.write_text(json.dumps(result | {"world_size": runtime.world_size}))
             temporary.replace(target)
-        runtime.close()
+        runtime.exit()
 
     run()
 

@@ -7,17 +7,14 @@ every step. Resuming at step k therefore replays exactly what an uninterrupted r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
 from adaptflow.errors import ConfigError, DataError, TrainingError
@@ -344,55 +341,6 @@ class _progress:
         if self.bar is not None:
             self.bar.stop()
         return False
-
-
-def save_training_state(directory: Path, step: int, model, tokenizer, optimizer) -> None:
-    """Write `directory/step-<step>` atomically: an HF checkpoint plus optimizer state. Older states are pruned."""
-    from adaptflow.models import save_checkpoint
-
-    target = directory / f"step-{step:07d}"
-    save_checkpoint(model, tokenizer, target, lineage={"stage": "resume", "step": step})
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, target / "optimizer.safetensors")
-    (target / "trainer_state.json").write_text(json.dumps({"step": step, "optimizer": meta}))
-    for older in directory.glob("step-*"):
-        if older != target:
-            shutil.rmtree(older, ignore_errors=True)
-
-
-def latest_training_state(directory: Path) -> Path | None:
-    complete = [d for d in sorted(directory.glob("step-*")) if (d / "trainer_state.json").is_file()]
-    return complete[-1] if complete else None
-
-
-def load_training_state(state_dir: Path, model, optimizer) -> int:
-    """Restore weights and optimizer state saved by `save_training_state`; return the step to resume at."""
-    from safetensors.torch import load_model
-
-    load_model(model, state_dir / "model.safetensors", strict=False)
-    meta = json.loads((state_dir / "trainer_state.json").read_text())
-    tensors = load_file(state_dir / "optimizer.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-    return int(meta["step"])
-
-
-def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for pid, entries in state_dict["state"].items():
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 pick_device = SINGLE.device  # this process's device (cuda:LOCAL_RANK, or cpu when ADAPTFLOW_DEVICE=cpu)

@@ -20,6 +20,7 @@ from adaptflow.data import prepare_corpus
 from adaptflow.launch import StageFailed, _root_cause, launch_stage
 from adaptflow.models import materialize_base_model
 from tasks import jsonable
+from tests.conftest import DOMAINS
 
 TWO_RANKS = DistributedConfig(launcher="torchrun", nproc_per_node=2, omp_num_threads=1, timeout_minutes=10)
 
@@ -94,8 +95,11 @@ def rank_pids(spec: Path) -> dict[int, int]:
     return pids
 
 
-def test_kill_9_of_one_rank_fails_the_stage_and_the_rerun_resumes_from_the_last_save(inputs, tmp_path):
-    args = arguments(inputs, tmp_path / "stages", max_steps=400, save_every=5)
+@pytest.mark.parametrize("deepspeed", [None, "zero2.json"])
+def test_kill_9_of_one_rank_fails_the_stage_and_the_rerun_resumes_from_the_last_save(inputs, tmp_path, deepspeed):
+    """Under DeepSpeed each rank saves its own ZeRO shard; the rerun loads them all (safetensors, no pickle)."""
+    extra = {"deepspeed": str(DOMAINS.parent / "infra/deepspeed" / deepspeed)} if deepspeed else {}
+    args = arguments(inputs, tmp_path / "stages", max_steps=400, save_every=5) | extra
     job = tmp_path / "job"
     states = tmp_path / "stages"
 
@@ -117,8 +121,8 @@ def test_kill_9_of_one_rank_fails_the_stage_and_the_rerun_resumes_from_the_last_
     saved_step = int(sorted(states.glob("pretrain-*/checkpoints/step-*"))[-1].name.split("-")[1])
     assert 0 < saved_step < 400
 
-    rerun = launch_stage("pretrain", arguments(inputs, states, max_steps=400, save_every=5), distributed=TWO_RANKS,
-                         job_dir=job)
+    rerun = launch_stage("pretrain", arguments(inputs, states, max_steps=400, save_every=5) | extra,
+                         distributed=TWO_RANKS, job_dir=job)
     assert rerun["world_size"] == 2
     latest = max(job.glob("logs/*/attempt_0/0/stderr.log"), key=lambda p: p.stat().st_mtime)  # the rerun's
     rank0_log = latest.read_text()

@@ -9,7 +9,6 @@ it learns anything, so `head_warmup_steps` trains the head alone on a frozen enc
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import torch
 
 from adaptflow.config import PretrainConfig
 from adaptflow.data import load_texts
-from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime
+from adaptflow.checkpointing import latest_training_state
+from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
 from adaptflow.errors import ConfigError
 from adaptflow.evaluate import perplexity
 from adaptflow.lineage import stage_cache_key, stage_lineage
@@ -26,15 +26,7 @@ from adaptflow.objectives import build_objective
 from adaptflow.objectives.mlm import split_mlm_head
 from adaptflow.refs import CheckpointRef, DatasetRef
 from adaptflow.tokenize import mix_replay, pack_blocks, tokenize_corpus
-from adaptflow.train import (
-    BatchSampler,
-    LoopSettings,
-    MetricsSink,
-    latest_training_state,
-    load_training_state,
-    save_training_state,
-    train,
-)
+from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, train
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -113,16 +105,17 @@ def run_pretrain(
     device = runtime.device()
     model.to(device)
     optimizer, freeze = _optimizer_and_freezing(model, config)
-    start_step = 0
-    states = stage_dir / "checkpoints"
-    if (latest := latest_training_state(states)) is not None:
-        start_step = load_training_state(latest, model, optimizer)
-        log.info("resuming %s from %s (step %d of %d)", STAGE, latest, start_step, config.max_steps)
-    engine = None
     if deepspeed is not None:
         engine = DeepSpeedEngine(model, optimizer, runtime, config=deepspeed, micro_batch_size=config.batch_size,
                                  grad_accum_steps=config.grad_accum_steps, max_grad_norm=config.max_grad_norm,
                                  bf16=config.bf16)
+    else:
+        engine = TorchEngine(model, optimizer, runtime, max_grad_norm=config.max_grad_norm)
+    start_step = 0
+    states = stage_dir / "checkpoints"
+    if (latest := latest_training_state(states)) is not None:
+        start_step = engine.load_state(latest)
+        log.info("resuming %s from %s (step %d of %d)", STAGE, latest, start_step, config.max_steps)
 
     def evaluate() -> dict[str, float]:
         result = perplexity(model, objective, eval_blocks, batch_size=config.batch_size, device=device, bf16=config.bf16)
@@ -151,8 +144,7 @@ def run_pretrain(
         start_step=start_step,
         step_hooks=[freeze] if freeze else [],
         evaluate=evaluate if eval_blocks is not None else None,
-        save_state=lambda step: save_training_state(states, step, model, tokenizer, optimizer)
-        if engine is None and runtime.is_main else None,
+        save_state=lambda step: engine.save_state(states, step, tokenizer),
         log_metrics=log_metrics if runtime.is_main else None,
         runtime=runtime,
         engine=engine,
@@ -170,7 +162,7 @@ def run_pretrain(
     )
     final = stage_dir / "final"
     digest = ""
-    with engine.full_parameters() if engine is not None else contextlib.nullcontext():
+    with engine.full_parameters():
         if runtime.is_main:
             digest = save_checkpoint(model.cpu(), tokenizer, final, lineage=lineage)
     runtime.barrier()
