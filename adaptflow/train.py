@@ -186,9 +186,9 @@ def train(
     if post_step_hooks and not engine.supports_post_step_hooks:
         raise ConfigError("this strategy updates itself from gradients after each optimizer step (AdaLoRA), "
                           "which DeepSpeed clears inside its step; use lora, or run without DeepSpeed")
-    if engine.zero_stage == 3 and (regularizer is not None or (early_stopping and early_stopping.restore_best)):
-        raise ConfigError("L2-SP/EWC penalties and early-stopping restore read whole weights, which ZeRO-3 "
-                          "partitions across ranks; use ZeRO-2 (infra/deepspeed/zero2.json) for this stage")
+    if engine.zero_stage == 3 and regularizer is not None:
+        raise ConfigError("L2-SP/EWC penalties compare whole weights with their starting values, and ZeRO-3 "
+                          "partitions weights across ranks; use ZeRO-2 (infra/deepspeed/zero2.json) for this stage")
     world, rank = runtime.world_size, runtime.rank
     forward = engine.module  # the model itself, or DeepSpeed's engine around it
     for group in engine.param_groups:
@@ -287,12 +287,18 @@ def train(
                 eval_metrics = evaluate()
                 log_metrics(done, eval_metrics)
                 model.train()
-                if early_stopping is not None and early_stopping.update(done, eval_metrics, model):
-                    log.info("early stopping at step %d: no %s improvement in %d evaluations",
-                             done, early_stopping.metric, early_stopping.patience)
-                    break
-    if early_stopping is not None and early_stopping.restore(model):
-        eval_metrics = early_stopping.best_metrics
+                if early_stopping is not None:
+                    with engine.full_parameters():  # the best weights are kept whole, even under ZeRO-3
+                        stop = early_stopping.update(done, eval_metrics, model)
+                    if stop:
+                        log.info("early stopping at step %d: no %s improvement in %d evaluations",
+                                 done, early_stopping.metric, early_stopping.patience)
+                        break
+    if early_stopping is not None:
+        with engine.full_parameters(modify=True):
+            restored = early_stopping.restore(model)
+        if restored:
+            eval_metrics = early_stopping.best_metrics
     return LoopResult(
         steps=done - start_step,
         tokens=tokens_total,

@@ -9,18 +9,20 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-from adaptflow.config import FinetuneConfig, ModelConfig, TaskDataConfig, TinyModelConfig
+from adaptflow.config import DistributedConfig, FinetuneConfig, ModelConfig, TaskDataConfig, TinyModelConfig
 from adaptflow.data import read_texts
 from adaptflow.labelled import prepare_task
+from adaptflow.launch import launch_stage
 from adaptflow.models import load_task_model, materialize_base_model
 from adaptflow.objectives.padding import IGNORE
 from adaptflow.objectives.sft import InstructionSFT, encode_sft
 from adaptflow.objectives.token_classification import align_labels
 from adaptflow.peft import apply_strategy, trainable_fraction
 from adaptflow.regularizers import AnchorPenalty
-from adaptflow.stages.finetune import aggregate_seeds, choose_seed, run_finetune
+from adaptflow.stages.finetune import FinetuneResult, aggregate_seeds, choose_seed, run_finetune
 from adaptflow.train import EarlyStopping
-from tests.conftest import DATA_ROOT
+from tasks import jsonable
+from tests.conftest import DATA_ROOT, DOMAINS
 
 CHEMPROT = DATA_ROOT / "biomedical/chemprot"
 CHEMPROT_LABELS = ["ACTIVATOR", "AGONIST", "AGONIST-ACTIVATOR", "AGONIST-INHIBITOR", "ANTAGONIST",
@@ -336,3 +338,33 @@ def test_weights_of_a_bare_encoder_checkpoint_count_as_pretrained():
     assert "bert.encoder.layer.0.attention.self.query.weight" in names
     assert "bert.embeddings.word_embeddings.weight" in names
     assert not any(n.startswith("classifier.") for n in names)
+
+
+def test_a_lora_adapter_saved_under_zero3_on_two_ranks_equals_the_one_saved_without_it(tmp_path, chemprot, base):
+    """ZeRO-3 leaves each rank a shard of every weight: saved naively, an adapter is empty or partial. The stage
+    gathers before saving, so 2 ranks under ZeRO-3 save what 1 rank with twice the accumulation saves, and
+    early stopping's restore-best (also gathered) brings back the same best step."""
+    settings = {"task": "t", "max_steps": 8, "batch_size": 8, "lr": 1e-2, "log_every": 1, "max_length": 64,
+                "warmup_ratio": 0.0, "schedule": "constant", "dropout": 0.0, "strategy": "lora", "peft": PEFT,
+                "eval_every": 2, "early_stopping": {"metric": "loss", "mode": "min", "patience": 10}}
+    plain = run_finetune(FinetuneConfig(**settings, grad_accum_steps=2), task=chemprot, base=base,
+                         work_dir=tmp_path / "plain", seed=1)
+    arguments = {"config": FinetuneConfig(**settings).model_dump(mode="json")} | jsonable(
+        {"task": chemprot, "base": base, "work_dir": tmp_path / "zero3", "seed": 1,
+         "deepspeed": str(DOMAINS.parent / "infra/deepspeed/zero3.json")})
+    launched = launch_stage("finetune", arguments, job_dir=tmp_path / "job", distributed=DistributedConfig(
+        launcher="torchrun", nproc_per_node=2, omp_num_threads=1, timeout_minutes=10))
+    assert launched.pop("world_size") == 2
+    zero3 = FinetuneResult.from_dict(launched)
+
+    expected = load_file(f"{plain.checkpoint.uri}/adapter/adapter_model.safetensors")
+    saved = load_file(f"{zero3.checkpoint.uri}/adapter/adapter_model.safetensors")
+    assert saved.keys() == expected.keys() and any("lora_B" in k for k in saved)
+    for name, tensor in expected.items():
+        assert saved[name].shape == tensor.shape, name
+        torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(saved[k].abs().sum() > 0 for k in saved if "lora_B" in k)  # trained: lora_B starts at zero
+    assert zero3.metrics["val_loss"] == pytest.approx(plain.metrics["val_loss"], rel=1e-4)
+    merged, merged_plain = (load_file(f"{r.checkpoint.uri}/model.safetensors") for r in (zero3, plain))
+    for name, tensor in merged_plain.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-6, msg=name)

@@ -23,7 +23,7 @@ import torch
 
 from adaptflow.config import FinetuneConfig
 from adaptflow.data import load_texts
-from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime
+from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
 from adaptflow.errors import ConfigError, DataError
 from adaptflow.labelled import TaskSplits, load_records
 from adaptflow.lineage import stage_cache_key, stage_lineage
@@ -129,10 +129,12 @@ def run_finetune(
     steps_per_epoch = max(1, len(train_items) // (config.batch_size * config.grad_accum_steps))
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     new_parameters = {n for n, _ in model.named_parameters() if n not in pretrained_names}
-    strategy = apply_strategy(
-        model, config.strategy, kind=kind, peft_config=config.peft, adapter_reduction=config.adapter_reduction,
-        unfreeze_every=config.unfreeze_every, total_steps=max_steps, new_parameters=new_parameters,
-    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # LoRA/adapter weights start from the seed, whatever this process ran before
+        strategy = apply_strategy(
+            model, config.strategy, kind=kind, peft_config=config.peft, adapter_reduction=config.adapter_reduction,
+            unfreeze_every=config.unfreeze_every, total_steps=max_steps, new_parameters=new_parameters,
+        )
     model = strategy.model
     device = runtime.device()
     model.to(device)
@@ -151,13 +153,12 @@ def run_finetune(
         groups += param_groups([p for n, p in named if n in new_parameters], config.head_lr or config.lr,
                                config.weight_decay, name="head")
     optimizer = torch.optim.AdamW(groups, lr=config.lr, **({"fused": True} if device.type == "cuda" else {}))
-    engine = None
     if deepspeed is not None:
         engine = DeepSpeedEngine(model, optimizer, runtime, config=deepspeed, micro_batch_size=config.batch_size,
                                  grad_accum_steps=config.grad_accum_steps, max_grad_norm=config.max_grad_norm,
                                  bf16=config.bf16)
-        if engine.zero_stage == 3:
-            raise ConfigError("fine-tuning under ZeRO-3 is not supported yet (issue 5): use infra/deepspeed/zero2.json")
+    else:
+        engine = TorchEngine(model, optimizer, runtime, max_grad_norm=config.max_grad_norm)
 
     sampler = BatchSampler(
         train_items, config.batch_size, seed,
@@ -222,9 +223,10 @@ def run_finetune(
     ) | {"strategy": config.strategy, "metrics": metrics}
     final = stage_dir / "final"
     checkpoint = CheckpointRef(uri=str(final), digest="", stage=STAGE, mlflow_run_id=mlflow_run_id)
-    if runtime.is_main:
-        digest = _save_final(model, tokenizer, stage_dir, lineage, is_peft=strategy.is_peft)
-        checkpoint = dataclasses.replace(checkpoint, digest=digest)
+    with engine.full_parameters():  # ZeRO-3: whole weights, so the adapter and merged model are complete
+        if runtime.is_main:
+            digest = _save_final(model, tokenizer, stage_dir, lineage, is_peft=strategy.is_peft)
+            checkpoint = dataclasses.replace(checkpoint, digest=digest)
     runtime.barrier()
     return FinetuneResult(checkpoint=checkpoint, seed=seed, metrics=metrics, selection_metric=metric,
                           selection_mode=mode, reports=tuple(reports))
