@@ -290,11 +290,12 @@ class DistributedConfig(Section):
     stage, so the global batch is micro × accumulation × nnodes × nproc_per_node.
     """
 
-    launcher: Literal["none", "torchrun"] = "none"
+    launcher: Literal["none", "torchrun", "deepspeed"] = "none"
     nnodes: PositiveInt = 1
     nproc_per_node: PositiveInt = 1
-    node_rank: Annotated[int, Field(ge=0)] = 0
+    node_rank: Annotated[int, Field(ge=0)] = 0  # torchrun: this node's rank (the deepspeed launcher uses ssh)
     rdzv_endpoint: str = "127.0.0.1:29500"  # host:port of node 0, reachable from every node
+    hostfile: str | None = None  # deepspeed launcher: "host slots=N" lines (infra/hostfile.example)
     deepspeed: str | None = None
     timeout_minutes: PositiveInt = 720
     omp_num_threads: PositiveInt | None = None  # per rank; default: the cores divided by nproc_per_node
@@ -304,7 +305,13 @@ class DistributedConfig(Section):
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank ({self.node_rank}) must be below nnodes ({self.nnodes})")
         if self.launcher == "none" and (self.nnodes > 1 or self.nproc_per_node > 1):
-            raise ValueError("nnodes/nproc_per_node above 1 need a launcher: set distributed.launcher=torchrun")
+            raise ValueError("nnodes/nproc_per_node above 1 need a launcher: set distributed.launcher=torchrun "
+                             "or deepspeed")
+        if self.launcher == "deepspeed" and self.nnodes > 1 and self.hostfile is None:
+            raise ValueError("the deepspeed launcher reaches other nodes through a hostfile: set "
+                             "distributed.hostfile (see infra/hostfile.example), or use launcher torchrun")
+        if self.launcher == "deepspeed" and self.node_rank != 0:
+            raise ValueError("the deepspeed launcher starts every node from node 0 (over ssh): leave node_rank 0")
         return self
 
     @property

@@ -246,6 +246,13 @@ class DeepSpeedEngine:
         return int(saved["step"])
 
 
+def zero_stage_of(config: str | Path | None) -> int | None:
+    """The ZeRO stage a DeepSpeed JSON config asks for (0 when it names none); None without DeepSpeed."""
+    if config is None:
+        return None
+    return int(json.loads(Path(config).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage", 0))
+
+
 def resolve_deepspeed_config(config: dict | str | Path, *, micro_batch_size: int, grad_accum_steps: int,
                              world_size: int, max_grad_norm: float | None, bf16: bool) -> dict:
     """A DeepSpeed config with batch sizes, accumulation, clipping and precision taken from the recipe.

@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -49,12 +51,18 @@ def launch_stage(stage: str, arguments: dict, *, distributed: DistributedConfig,
     spec_path = job_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     logs = job_dir / "logs"
-    command = torchrun_command(distributed, spec_path, logs)
+    errors = job_dir / "errors"  # the deepspeed launcher's ranks write their exceptions here
+    shutil.rmtree(errors, ignore_errors=True)
+    if distributed.launcher == "deepspeed":
+        command = deepspeed_command(distributed, spec_path)
+    else:
+        command = torchrun_command(distributed, spec_path, logs)
     log.info("launching %s on %d node(s) × %d process(es): %s", stage, distributed.nnodes,
              distributed.nproc_per_node, " ".join(command))
-    returncode, tail = _run(command, _rank_environment(distributed), timeout=distributed.timeout_minutes * 60)
+    env = _rank_environment(distributed) | {"ADAPTFLOW_ERROR_DIR": str(errors)}
+    returncode, tail = _run(command, env, timeout=distributed.timeout_minutes * 60)
     if returncode != 0:
-        raise StageFailed(_failure_message(stage, returncode, logs, tail))
+        raise StageFailed(_failure_message(stage, returncode, logs, tail, errors))
     if distributed.node_rank != 0:
         return None
     if not result_path.is_file():
@@ -74,6 +82,30 @@ def torchrun_command(distributed: DistributedConfig, spec_path: Path, log_dir: P
     else:  # static rendezvous: node ranks are the recipe's, every node dials node 0
         command += [f"--node-rank={distributed.node_rank}", f"--master-addr={host}", f"--master-port={port}"]
     return command + ["-m", "adaptflow.launch", str(spec_path)]
+
+
+def deepspeed_command(distributed: DistributedConfig, spec_path: Path) -> list[str]:
+    """The deepspeed launcher on this node, or over ssh on the hostfile's nodes (it starts them all)."""
+    host, _, port = distributed.rdzv_endpoint.rpartition(":")
+    if distributed.nnodes == 1 and distributed.hostfile is None:
+        host, port = "127.0.0.1", str(_free_port())
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", f"--num_nodes={distributed.nnodes}",
+        f"--num_gpus={distributed.nproc_per_node}", f"--master_addr={host}", f"--master_port={port}",
+    ]
+    if distributed.hostfile is not None:
+        command += [f"--hostfile={distributed.hostfile}"]
+        hosts = {line.split()[0] for line in Path(distributed.hostfile).read_text().splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")}
+        if hosts <= {"localhost", "127.0.0.1"}:
+            command += ["--no_ssh_check"]  # no ssh to reach this machine itself
+    return command + ["--no_local_rank", "--module", "adaptflow.launch", str(spec_path)]  # LOCAL_RANK is in the env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _rank_environment(distributed: DistributedConfig) -> dict[str, str]:
@@ -122,6 +154,24 @@ def _run(command: list[str], env: dict[str, str], *, timeout: float) -> tuple[in
 _CASUALTY = re.compile(r"Connection (reset|closed) by peer|Broken pipe|Socket closed|SIGTERM")
 
 
+def _reported_errors(errors: Path) -> tuple[str, list[str]] | None:
+    """(rank, message lines) of the first exception a rank wrote to `errors/` (the deepspeed launcher has no
+    failure summary of its own), preferring a rank that was not a casualty of another's failure."""
+    reports = []
+    for path in sorted(errors.glob("rank*.json")):
+        try:
+            message = json.loads(path.read_text())["message"]
+        except (OSError, ValueError, KeyError):
+            continue
+        text = str(message.get("message", "") if isinstance(message, dict) else message)
+        stamp = int(message.get("extraInfo", {}).get("timestamp", 0)) if isinstance(message, dict) else 0
+        reports.append((bool(_CASUALTY.search(text)), stamp, path.stem.removeprefix("rank"), text.splitlines()))
+    if not reports:
+        return None
+    _, _, rank, lines = min(reports)
+    return rank, lines
+
+
 def _root_cause(output: str) -> tuple[str, int] | None:
     """(local rank, exit code) of the rank that caused a torchrun failure, from its failure summary."""
     summary = output.rsplit("Failures:", 1)[-1] if "Failures:" in output else ""
@@ -136,9 +186,13 @@ def _root_cause(output: str) -> tuple[str, int] | None:
     return local_rank, exitcode
 
 
-def _failure_message(stage: str, returncode: int, logs: Path, tail: list[str]) -> str:
+def _failure_message(stage: str, returncode: int, logs: Path, tail: list[str], errors: Path) -> str:
     """Name the rank that caused the failure, how it ended, and that rank's last lines."""
     cause = _root_cause("\n".join(tail))
+    if cause is None and (reported := _reported_errors(errors)):
+        rank, lines = reported
+        detail = "\n".join(f"    {line}" for line in lines[-12:])
+        return f"stage {stage} failed on rank {rank}; its last lines:\n{detail}\n(all output: above, in the log)"
     if cause is None:
         lines = "\n".join(f"    {line}" for line in tail[-12:])
         return f"stage {stage} failed (launcher exit code {returncode}); its last lines:\n{lines}\n(all logs: {logs})"
@@ -168,16 +222,13 @@ def _failure_message(stage: str, returncode: int, logs: Path, tail: list[str]) -
 
 def _pretrain(arguments: dict, runtime, log_metrics):
     from adaptflow.config import PretrainConfig
-    from adaptflow.refs import CheckpointRef, DatasetRef
+    from adaptflow.refs import CheckpointRef
     from adaptflow.stages.pretrain import run_pretrain
-
-    def dataset(name: str) -> DatasetRef | None:
-        return DatasetRef(**arguments[name]) if arguments.get(name) else None
 
     checkpoint = run_pretrain(
         PretrainConfig(**arguments["config"]), base=CheckpointRef(**arguments["base"]),
-        train_data=dataset("train_data"), validation_data=dataset("validation_data"),
-        replay_data=dataset("replay_data"), work_dir=arguments["work_dir"], cache_dir=arguments.get("cache_dir"),
+        train_data=_dataset(arguments["train_data"]), validation_data=_dataset(arguments.get("validation_data")),
+        replay_data=_dataset(arguments.get("replay_data")), work_dir=arguments["work_dir"], cache_dir=arguments.get("cache_dir"),
         seed=arguments["seed"], mlflow_run_id=arguments.get("mlflow_run_id"),
         build_run_id=arguments.get("build_run_id"), log_metrics=log_metrics,
         trust_remote_code=arguments.get("trust_remote_code", False), runtime=runtime,
@@ -190,17 +241,13 @@ def _finetune(arguments: dict, runtime, log_metrics):
     import dataclasses
 
     from adaptflow.config import FinetuneConfig
-    from adaptflow.labelled import TaskSplits
-    from adaptflow.refs import CheckpointRef, DatasetRef
+    from adaptflow.refs import CheckpointRef
     from adaptflow.stages.finetune import run_finetune
 
-    task = arguments["task"]
-    splits = TaskSplits(**task | {name: DatasetRef(**task[name]) if task.get(name) else None
-                                  for name in ("train", "validation", "test")} | {"labels": tuple(task["labels"])})
     result = run_finetune(
-        FinetuneConfig(**arguments["config"]), task=splits, base=CheckpointRef(**arguments["base"]),
-        work_dir=arguments["work_dir"], seed=arguments["seed"],
-        fisher_data=DatasetRef(**arguments["fisher_data"]) if arguments.get("fisher_data") else None,
+        FinetuneConfig(**arguments["config"]), task=_task_splits(arguments["task"]),
+        base=CheckpointRef(**arguments["base"]), work_dir=arguments["work_dir"], seed=arguments["seed"],
+        fisher_data=_dataset(arguments.get("fisher_data")),
         mlflow_run_id=arguments.get("mlflow_run_id"), build_run_id=arguments.get("build_run_id"),
         log_metrics=log_metrics, trust_remote_code=arguments.get("trust_remote_code", False), runtime=runtime,
         deepspeed=arguments.get("deepspeed"),
@@ -208,7 +255,38 @@ def _finetune(arguments: dict, runtime, log_metrics):
     return dataclasses.asdict(result)
 
 
-STAGES = {"pretrain": _pretrain, "finetune": _finetune}
+def _adapt(arguments: dict, runtime, log_metrics):
+    import dataclasses
+
+    from adaptflow.config import AdaptConfig
+    from adaptflow.refs import CheckpointRef
+    from adaptflow.stages.adapt import run_adapt
+
+    result = run_adapt(
+        AdaptConfig(**arguments["config"]), source=_task_splits(arguments["source"]),
+        target=_dataset(arguments["target"]), target_heldout=_dataset(arguments["target_heldout"]),
+        target_labelled=_task_splits(arguments["target_labelled"]) if arguments.get("target_labelled") else None,
+        base=CheckpointRef(**arguments["base"]), work_dir=arguments["work_dir"], seed=arguments["seed"],
+        mlflow_run_id=arguments.get("mlflow_run_id"), build_run_id=arguments.get("build_run_id"),
+        log_metrics=log_metrics, runtime=runtime, deepspeed=arguments.get("deepspeed"),
+    )
+    return dataclasses.asdict(result)
+
+
+def _dataset(data: dict | None):
+    from adaptflow.refs import DatasetRef
+
+    return DatasetRef(**data) if data else None
+
+
+def _task_splits(task: dict):
+    from adaptflow.labelled import TaskSplits
+
+    return TaskSplits(**task | {name: _dataset(task.get(name)) for name in ("train", "validation", "test")}
+                      | {"labels": tuple(task["labels"])})
+
+
+STAGES = {"pretrain": _pretrain, "finetune": _finetune, "adapt": _adapt}
 
 
 def main(spec_path: str) -> None:
@@ -216,7 +294,13 @@ def main(spec_path: str) -> None:
 
     from adaptflow.distributed import Runtime
 
-    @record  # writes this rank's exception where torchrun collects it (error.json)
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ and os.environ.get("ADAPTFLOW_ERROR_DIR"):
+        # Not under torchrun (the deepspeed launcher): `record` writes to a file of ours instead.
+        Path(os.environ["ADAPTFLOW_ERROR_DIR"]).mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHELASTIC_ERROR_FILE"] = str(Path(os.environ["ADAPTFLOW_ERROR_DIR"]) /
+                                                    f"rank{os.environ.get('RANK', '0')}.json")
+
+    @record  # writes this rank's exception where the launcher collects it (torchrun: error.json)
     def run() -> None:
         spec = json.loads(Path(spec_path).read_text())
         runtime = Runtime.from_env()

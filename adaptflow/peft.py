@@ -47,13 +47,23 @@ def apply_strategy(
     unfreeze_every: int = 50,
     total_steps: int = 1,
     new_parameters: set[str] = frozenset(),
+    seed: int = 0,
 ) -> Strategy:
-    """Prepare `model` for `strategy`.
+    """Prepare `model` for `strategy`; weights it adds (LoRA, adapters) start from `seed`, whatever this
+    process drew from its random generator before.
 
     `new_parameters` names the weights the starting checkpoint did not have (a task head, and e.g. BERT's
     pooler after masked-LM pretraining): they start random, so every strategy trains them — and PEFT saves
     them with the adapter, or the adapter alone could not reproduce the model.
     """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _apply(model, strategy, kind=kind, peft_config=peft_config, adapter_reduction=adapter_reduction,
+                      unfreeze_every=unfreeze_every, total_steps=total_steps, new_parameters=new_parameters)
+
+
+def _apply(model, strategy, *, kind, peft_config, adapter_reduction, unfreeze_every, total_steps,
+           new_parameters) -> Strategy:
     def is_new(name: str) -> bool:
         return _is_head(name) or name in new_parameters
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from adaptflow.config import Recipe
@@ -40,4 +41,15 @@ def preflight_problems(recipe: Recipe) -> list[str]:
             problems.append(f"model.path: {path} has no config.json; it must be a save_pretrained directory")
         elif not any(path.glob("*.safetensors")):
             problems.append(f"model.path: {path} holds no *.safetensors weights (.bin files are never unpickled)")
+    distributed = recipe.distributed
+    if distributed.hostfile is not None and not Path(distributed.hostfile).is_file():
+        problems.append(f"distributed.hostfile: not found: {distributed.hostfile}")
+    if distributed.deepspeed is not None:
+        try:
+            json.loads(Path(distributed.deepspeed).read_text(encoding="utf-8"))
+        except OSError:
+            problems.append(f"distributed.deepspeed: not found: {distributed.deepspeed} "
+                            "(infra/deepspeed/ has zero2.json, zero3.json and zero3-offload.json)")
+        except ValueError as err:
+            problems.append(f"distributed.deepspeed: {distributed.deepspeed} is not JSON: {err}")
     return problems

@@ -145,6 +145,9 @@ def build_summary(client, build_run_id: str) -> dict:
             "metrics": dict(run.data.metrics),
             "checkpoint_uri": run.data.tags.get("adaptflow.checkpoint.uri"),
             "artifact_uri": run.data.tags.get("adaptflow.checkpoint.artifact_uri"),
+            **({"world_size": int(run.data.tags["adaptflow.world_size"]),
+                "zero_stage": int(z) if (z := run.data.tags.get("adaptflow.zero_stage")) else None}
+               if "adaptflow.world_size" in run.data.tags else {}),
             **({"guard": run.data.tags["adaptflow.guard"], "guard_reason": run.data.tags.get("adaptflow.guard.reason")}
                if "adaptflow.guard" in run.data.tags else {}),
         }

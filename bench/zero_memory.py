@@ -74,6 +74,7 @@ def worker(out: Path, zero: int | None, steps: int) -> None:
     from adaptflow.train import BatchSampler, LoopSettings, train
 
     runtime = Runtime.from_env()
+    out.mkdir(parents=True, exist_ok=True)
     base = materialize_base_model(ModelConfig(name="minilm"), out_dir=out / "models", tokenizer_texts=None, seed=0)
     model, tokenizer = load_model(base, "mlm", seed=0)
     objective = build_objective("mlm", tokenizer)

@@ -104,11 +104,14 @@ def _configure_prefect() -> None:
 def _print_summary(summary: dict) -> None:
     out = Console()
     table = Table(title=f"build {summary['build_run_id']} ({summary['domain']}): {summary['status']}")
-    for column in ("stage", "run id", "status", "checkpoint"):
+    for column in ("stage", "run id", "status", "ranks", "checkpoint"):
         table.add_column(column, overflow="fold")
     for name, stage in summary["stages"].items():
         status = stage["status"] + (f" ({stage['guard']})" if "guard" in stage else "")
-        table.add_row(name, stage["run_id"], status, stage.get("checkpoint_uri") or "")
+        layout = str(stage.get("world_size", ""))
+        if stage.get("zero_stage") is not None:
+            layout += f" · ZeRO-{stage['zero_stage']}"
+        table.add_row(name, stage["run_id"], status, layout, stage.get("checkpoint_uri") or "")
     out.print(table)
     for name, stage in summary["stages"].items():
         if "guard" in stage:

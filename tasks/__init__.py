@@ -56,14 +56,18 @@ def run_or_launch(ctx: BuildContext, stage: str, run, config, arguments: dict, *
     `run(config, **arguments, …)` is the stage function; `from_json` rebuilds its result from a launched
     stage's JSON. Tags the MLflow run with how it ran.
     """
+    from adaptflow.distributed import zero_stage_of
     from adaptflow.launch import launch_stage
     from adaptflow.tracking import metrics_logger
 
     distributed = ctx.recipe.distributed
     arguments = arguments | {"deepspeed": distributed.deepspeed}
+    zero_stage = zero_stage_of(distributed.deepspeed)
     client.set_tag(run_id, "adaptflow.distributed", distributed.launcher)
     client.set_tag(run_id, "adaptflow.deepspeed", distributed.deepspeed or "")
+    client.set_tag(run_id, "adaptflow.zero_stage", "" if zero_stage is None else zero_stage)
     if distributed.launcher == "none":
+        client.set_tag(run_id, "adaptflow.world_size", 1)
         return run(config, **arguments, log_metrics=metrics_logger(client, run_id), progress=ctx.progress)
     result = launch_stage(stage, {"config": config.model_dump(mode="json")} | jsonable(arguments),
                           distributed=distributed, job_dir=ctx.workdir / "launch" / f"{stage}-{key}",

@@ -7,9 +7,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adaptflow.refs import CheckpointRef
-from adaptflow.stages.adapt import STAGE, adapt_cache_key, run_adapt
+from adaptflow.stages.adapt import STAGE, AdaptResult, adapt_cache_key, run_adapt
 from adaptflow.tracking import log_dataset, log_directory, metrics_logger
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, run_or_launch, stage_run
 from tasks.prepare import PreparedInputs
 
 
@@ -32,12 +32,13 @@ def adapt(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> Check
         log_dataset(client, run_id, target.train, context="target/train")
         if target_labelled is not None and target_labelled.validation is not None:
             log_dataset(client, run_id, target_labelled.validation, context="target/validation")
-        result = run_adapt(
-            config, source=source, target=target.train, target_heldout=target.validation,
-            target_labelled=target_labelled, base=base, work_dir=ctx.workdir / "stages", seed=seed,
-            mlflow_run_id=run_id, build_run_id=ctx.build_run_id, log_metrics=metrics_logger(client, run_id),
-            progress=ctx.progress,
+        arguments = dict(
+            source=source, target=target.train, target_heldout=target.validation, target_labelled=target_labelled,
+            base=base, work_dir=ctx.workdir / "stages", seed=seed, mlflow_run_id=run_id,
+            build_run_id=ctx.build_run_id,
         )
+        result = run_or_launch(ctx, STAGE, run_adapt, config, arguments, from_json=AdaptResult.from_dict,
+                               client=client, run_id=run_id, key=tags["adaptflow.cache_key"])
         metrics_logger(client, run_id)(config.max_steps, result.metrics)
         decision = "accepted" if result.accepted else "rejected"
         client.set_tag(run_id, "adaptflow.guard", decision)

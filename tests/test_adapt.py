@@ -9,11 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from adaptflow.config import AdaptConfig, ModelConfig, TaskDataConfig, TinyModelConfig
+from adaptflow.config import AdaptConfig, DistributedConfig, ModelConfig, TaskDataConfig, TinyModelConfig
 from adaptflow.data import prepare_corpus
 from adaptflow.labelled import prepare_task
+from adaptflow.launch import launch_stage
 from adaptflow.models import materialize_base_model
 from adaptflow.objectives.dann import (
     DANNModel,
@@ -24,8 +26,10 @@ from adaptflow.objectives.dann import (
     grad_reverse,
 )
 from adaptflow.objectives.padding import pad_batch
-from adaptflow.stages.adapt import guard_decision, run_adapt
+from adaptflow.stages.adapt import AdaptResult, guard_decision, run_adapt
 from adaptflow.train import BatchSampler, LoopSettings, train
+from tasks import jsonable
+from tests.conftest import DOMAINS
 
 POSITIVE, NEGATIVE = ["good", "great", "excellent", "love"], ["bad", "awful", "poor", "hate"]
 BOOKS = {
@@ -226,3 +230,25 @@ def test_guard_rejects_a_stage_made_worse_on_purpose(domains, tmp_path):
     assert result.checkpoint == domains["base"]
     assert result.metrics["target_accuracy"] < result.metrics["reference_target_accuracy"]
     assert (tmp_path / result.adapted.uri).exists()
+
+
+def test_the_stage_runs_launched_on_two_ranks_under_zero3_and_saves_whole_weights(domains, tmp_path):
+    """Both DANN and the guard's reference run train under ZeRO-3 on 2 ranks; rank 0 saves the LoRA-merged
+    classifier gathered, so every tensor is whole and the adapted weights differ from the input's."""
+    arguments = {"config": config(max_steps=12, eval_every=12, strategy="lora",
+                                  peft={"r": 4, "target_modules": ["query", "value"]}).model_dump(mode="json")}
+    arguments |= jsonable({"source": domains["source"], "target": domains["target"].train,
+                           "target_heldout": domains["target"].validation,
+                           "target_labelled": domains["target_labelled"], "base": domains["base"],
+                           "work_dir": tmp_path / "stages", "seed": 0,
+                           "deepspeed": str(DOMAINS.parent / "infra/deepspeed/zero3.json")})
+    launched = launch_stage("adapt", arguments, job_dir=tmp_path / "job", distributed=DistributedConfig(
+        launcher="torchrun", nproc_per_node=2, omp_num_threads=1, timeout_minutes=10))
+    assert launched.pop("world_size") == 2
+    result = AdaptResult.from_dict(launched)
+    assert {"target_accuracy", "reference_target_accuracy", "accepted"} <= set(result.metrics)
+    adapted = load_file(f"{result.adapted.uri}/model.safetensors")
+    base = load_file(f"{domains['base'].uri}/model.safetensors")
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert adapted[query].shape == base[query].shape == (32, 32)
+    assert not torch.equal(adapted[query], base[query])  # LoRA merged in: trained, whole

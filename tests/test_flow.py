@@ -155,6 +155,7 @@ def test_a_build_launches_its_training_stages_on_two_ranks_under_torchrun(tmp_pa
         run = client.get_run(summary["stages"][name]["run_id"])
         assert run.data.tags["adaptflow.world_size"] == "2" and run.data.tags["adaptflow.distributed"] == "torchrun"
         assert run.data.tags["adaptflow.deepspeed"].endswith("zero2.json")
+        assert (summary["stages"][name]["world_size"], summary["stages"][name]["zero_stage"]) == (2, 2)
         assert len(client.get_metric_history(run.info.run_id, "loss")) > 1  # rank 0 logged while training
         assert (Path(run.data.tags["adaptflow.checkpoint.uri"]) / "model.safetensors").is_file()
     assert "finetune.test_micro_f1_mean" in client.get_run(summary["build_run_id"]).data.metrics

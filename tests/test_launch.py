@@ -43,6 +43,9 @@ def arguments(inputs, work_dir: Path, **config) -> dict:
     return {"config": settings.model_dump(mode="json")} | jsonable(inputs | {"work_dir": work_dir})
 
 
+DEEPSPEED_LAUNCHER = TWO_RANKS.model_copy(update={"launcher": "deepspeed"})
+
+
 def test_a_launched_stage_returns_rank_zeros_checkpoint(inputs, tmp_path):
     result = launch_stage("pretrain", arguments(inputs, tmp_path / "stages"), distributed=TWO_RANKS,
                           job_dir=tmp_path / "job")
@@ -51,17 +54,32 @@ def test_a_launched_stage_returns_rank_zeros_checkpoint(inputs, tmp_path):
     assert sorted(p.name for p in (tmp_path / "job" / "logs").glob("*/attempt_0/*")) == ["0", "1"]
 
 
-def test_an_error_on_the_ranks_fails_the_stage_with_their_last_lines(inputs, tmp_path):
+def test_the_deepspeed_launcher_runs_a_stage_on_two_ranks_from_a_localhost_hostfile(inputs, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# host slots\nlocalhost slots=2\n")
+    ranks = DistributedConfig(launcher="deepspeed", nproc_per_node=2, hostfile=str(hostfile), omp_num_threads=1,
+                              rdzv_endpoint=f"127.0.0.1:{free_port()}", timeout_minutes=10)
+    result = launch_stage("pretrain", arguments(inputs, tmp_path / "stages") | {
+        "deepspeed": str(DOMAINS.parent / "infra/deepspeed/zero2.json")}, distributed=ranks, job_dir=tmp_path / "job")
+    assert result["world_size"] == 2 and (Path(result["uri"]) / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("launcher", [TWO_RANKS, DEEPSPEED_LAUNCHER], ids=["torchrun", "deepspeed"])
+def test_an_error_on_the_ranks_fails_the_stage_with_their_last_lines(inputs, tmp_path, launcher):
     broken = inputs | {"base": dataclasses.replace(inputs["base"], uri=str(tmp_path / "missing"))}
-    with pytest.raises(StageFailed, match=r"(?s)failed on local rank \d.*missing"):
-        launch_stage("pretrain", arguments(broken, tmp_path / "stages"), distributed=TWO_RANKS,
+    with pytest.raises(StageFailed, match=r"(?s)failed on (local )?rank \d.*missing"):
+        launch_stage("pretrain", arguments(broken, tmp_path / "stages"), distributed=launcher,
                      job_dir=tmp_path / "job")
 
 
-def test_two_nodes_of_one_process_each_rendezvous_on_loopback(inputs, tmp_path):
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_each_rendezvous_on_loopback(inputs, tmp_path):
+    port = free_port()
     results = {}
 
     def node(rank: int) -> None:

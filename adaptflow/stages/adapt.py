@@ -20,6 +20,7 @@ import torch
 
 from adaptflow.config import AdaptConfig
 from adaptflow.data import load_texts
+from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
 from adaptflow.labelled import TaskSplits, load_records
 from adaptflow.lineage import stage_cache_key, stage_lineage
 from adaptflow.models import checkpoint_parameter_names, load_task_model, load_tokenizer, save_checkpoint
@@ -33,7 +34,7 @@ from adaptflow.objectives.dann import (
 from adaptflow.peft import apply_strategy, layer_groups, param_groups
 from adaptflow.refs import CheckpointRef, DatasetRef
 from adaptflow.stages.finetune import _reinitialise_pooler, encode, score
-from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, pick_device, train
+from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, train
 
 log = logging.getLogger(__name__)
 STAGE = "adapt"
@@ -49,6 +50,11 @@ class AdaptResult:
     accepted: bool
     reason: str
     metrics: dict[str, float]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdaptResult:
+        """Back from `dataclasses.asdict` (a launched stage's JSON result)."""
+        return cls(**data | {name: CheckpointRef(**data[name]) for name in ("checkpoint", "adapted")})
 
 
 def adapt_cache_key(config: AdaptConfig, base: CheckpointRef, datasets: list[DatasetRef], seed: int) -> str:
@@ -69,8 +75,13 @@ def run_adapt(
     build_run_id: str | None = None,
     log_metrics: MetricsSink | None = None,
     progress: bool = False,
+    runtime: Runtime = SINGLE,
+    deepspeed: str | dict | None = None,
 ) -> AdaptResult:
-    log_metrics = log_metrics or (lambda step, metrics: None)
+    """DANN on `source` (labelled) and `target` (unlabelled text), then the guard; write
+    `work_dir/adapt-<key>/final`. Under a launcher every rank calls this and rank 0 alone logs and saves;
+    `deepspeed` (a DeepSpeed JSON config) runs both training runs under ZeRO."""
+    log_metrics = (log_metrics if runtime.is_main else None) or (lambda step, metrics: None)
     datasets = [d for d in (source.train, source.validation, target, target_heldout) if d is not None]
     if target_labelled is not None:
         datasets += [d for d in (target_labelled.train, target_labelled.validation) if d is not None]
@@ -80,15 +91,18 @@ def run_adapt(
 
     tokenizer = load_tokenizer(base)  # the models themselves are built per run, in _train
     data = _AdaptData(config, tokenizer, labels, source, target, target_heldout, target_labelled, seed)
-    before = _domain_probe(base, labels, data, seed)
+    before = _domain_probe(base, labels, data, seed, runtime.device())
     log_metrics(0, {f"{k}_before": v for k, v in before.items()})
 
-    adapted, metrics = _train(config, base, labels, data, seed, log_metrics, progress,
-                              lambda_max=config.lambda_max)
+    def run(lambda_max: float, sink: MetricsSink | None):
+        return _train(config, base, labels, data, seed, sink, progress, lambda_max=lambda_max, runtime=runtime,
+                      deepspeed=deepspeed)
+
+    adapted, metrics, engine = run(config.lambda_max, log_metrics)
     metrics |= {f"{k}_before": v for k, v in before.items()}
     accepted, reason = True, "guard disabled"
     if config.guard.enabled:
-        _, reference = _train(config, base, labels, data, seed, None, progress, lambda_max=0.0)
+        _, reference, _ = run(0.0, None)
         metrics |= {f"reference_{k}": v for k, v in reference.items() if k.startswith(("target_", "source_"))}
         accepted, reason = guard_decision(metrics, reference, tolerance=config.guard.tolerance)
         log.info("negative-transfer guard: %s (%s)", "accepted" if accepted else "rejected", reason)
@@ -98,11 +112,15 @@ def run_adapt(
         STAGE, config=config.model_dump(mode="json") | {"seed": seed, "labels": labels}, cache_key=key,
         input_checkpoint=base, datasets=datasets, mlflow_run_id=mlflow_run_id, build_run_id=build_run_id,
     ) | {"metrics": metrics, "guard": {"accepted": accepted, "reason": reason}}
-    classifier = adapted.classifier.cpu()
-    if config.strategy == "lora":
-        classifier = classifier.merge_and_unload()
     final = stage_dir / "final"
-    digest = save_checkpoint(classifier, tokenizer, final, lineage=lineage)
+    digest = ""
+    with engine.full_parameters():  # ZeRO-3: whole weights on rank 0 while it saves
+        if runtime.is_main:
+            classifier = adapted.classifier.cpu()
+            if config.strategy == "lora":
+                classifier = classifier.merge_and_unload()
+            digest = save_checkpoint(classifier, tokenizer, final, lineage=lineage)
+    runtime.barrier()
     adapted_ref = CheckpointRef(uri=str(final), digest=digest, stage=STAGE, mlflow_run_id=mlflow_run_id)
     return AdaptResult(checkpoint=adapted_ref if accepted else base, adapted=adapted_ref, accepted=accepted,
                        reason=reason, metrics=metrics)
@@ -177,7 +195,7 @@ def _build(config: AdaptConfig, base: CheckpointRef, labels: list[str], seed: in
         for p in group:
             p.requires_grad_(False)
     strategy = apply_strategy(model, config.strategy, kind="classification", peft_config=config.peft,
-                              total_steps=total_steps, new_parameters=new)
+                              total_steps=total_steps, new_parameters=new, seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         discriminator = DomainDiscriminator(model.config.hidden_size, config.discriminator.hidden,
@@ -185,9 +203,10 @@ def _build(config: AdaptConfig, base: CheckpointRef, labels: list[str], seed: in
     return DANNModel(strategy.model, discriminator), new
 
 
-def _train(config, base, labels, data: _AdaptData, seed, log_metrics, progress, *, lambda_max: float):
+def _train(config, base, labels, data: _AdaptData, seed, log_metrics, progress, *, lambda_max: float,
+           runtime: Runtime, deepspeed: str | dict | None):
     model, new = _build(config, base, labels, seed, config.max_steps)
-    device = pick_device()
+    device = runtime.device()
     model.to(device)
     objective = DomainAdversarial(data.pad_id)
 
@@ -202,6 +221,11 @@ def _train(config, base, labels, data: _AdaptData, seed, log_metrics, progress, 
     groups += param_groups(model.discriminator.parameters(), config.discriminator.lr or config.lr,
                            config.weight_decay, "discriminator")
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    if deepspeed is not None:
+        engine = DeepSpeedEngine(model, optimizer, runtime, config=deepspeed, micro_batch_size=config.batch_size,
+                                 grad_accum_steps=1, max_grad_norm=config.max_grad_norm, bf16=config.bf16)
+    else:
+        engine = TorchEngine(model, optimizer, runtime, max_grad_norm=config.max_grad_norm)
     sampler = PairedSampler(
         BatchSampler(data.source_train, config.batch_size, seed,
                      lengths=[len(i["input_ids"]) for i in data.source_train]),
@@ -218,7 +242,8 @@ def _train(config, base, labels, data: _AdaptData, seed, log_metrics, progress, 
                      warmup_ratio=config.warmup_ratio, log_every=config.log_every,
                      eval_every=config.eval_every or config.max_steps, seed=seed, progress=progress,
                      description=f"{STAGE} λ≤{lambda_max:g}", eval_at_start=False),
-        device=device, step_hooks=[set_weight], evaluate=evaluate, log_metrics=log_metrics,
+        device=device, step_hooks=[set_weight], evaluate=evaluate, log_metrics=log_metrics, runtime=runtime,
+        engine=engine,
     )
     metrics = dict(result.eval_metrics)
     if data.target_test:
@@ -227,7 +252,7 @@ def _train(config, base, labels, data: _AdaptData, seed, log_metrics, progress, 
         scores, _ = score(model.classifier, SequenceClassification(data.pad_id), data.target_test, "classification",
                           data.labels, batch_size=EVAL_BATCH, device=device)
         metrics |= {f"target_test_{k}": v for k, v in scores.items() if k in {"accuracy", "macro_f1"}}
-    return model, metrics
+    return model, metrics, engine
 
 
 @torch.no_grad()
@@ -297,14 +322,13 @@ def _features(model: DANNModel, items: list[dict], pad_id: int, device) -> tuple
     return torch.cat(features), torch.cat(probs)
 
 
-def _domain_probe(base: CheckpointRef, labels, data: _AdaptData, seed: int) -> dict[str, float]:
+def _domain_probe(base: CheckpointRef, labels, data: _AdaptData, seed: int, device) -> dict[str, float]:
     """Linear-probe domain accuracy and proxy A-distance of the input model's features, before the stage."""
     from adaptflow.objectives.dann import DomainDiscriminator
 
     model, _ = load_task_model(base, "classification", labels, seed=seed)
     _reinitialise_pooler(model, seed)  # the features the stage itself starts from
     wrapped = DANNModel(model, DomainDiscriminator(model.config.hidden_size, [1]))
-    device = pick_device()
     wrapped.to(device)
     source, _ = _features(wrapped, data.source_val, data.pad_id, device)
     target, _ = _features(wrapped, data.target_heldout, data.pad_id, device)

@@ -129,12 +129,10 @@ def run_finetune(
     steps_per_epoch = max(1, len(train_items) // (config.batch_size * config.grad_accum_steps))
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     new_parameters = {n for n, _ in model.named_parameters() if n not in pretrained_names}
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # LoRA/adapter weights start from the seed, whatever this process ran before
-        strategy = apply_strategy(
-            model, config.strategy, kind=kind, peft_config=config.peft, adapter_reduction=config.adapter_reduction,
-            unfreeze_every=config.unfreeze_every, total_steps=max_steps, new_parameters=new_parameters,
-        )
+    strategy = apply_strategy(
+        model, config.strategy, kind=kind, peft_config=config.peft, adapter_reduction=config.adapter_reduction,
+        unfreeze_every=config.unfreeze_every, total_steps=max_steps, new_parameters=new_parameters, seed=seed,
+    )
     model = strategy.model
     device = runtime.device()
     model.to(device)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from adaptflow.checkpointing import latest_training_state
 from adaptflow.config import PretrainConfig
 from adaptflow.data import load_texts
-from adaptflow.checkpointing import latest_training_state
 from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
 from adaptflow.errors import ConfigError
 from adaptflow.evaluate import perplexity
