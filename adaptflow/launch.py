@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -36,23 +37,38 @@ class StageFailed(AdaptflowError, RuntimeError):
     """A launched stage exited with an error, a signal or the timeout."""
 
 
+STOP_FILE = "agents.stop"
+
+
 def launch_stage(stage: str, arguments: dict, *, distributed: DistributedConfig, job_dir: Path,
                  tracking: dict | None = None) -> dict | None:
-    """Run `stage` under torchrun with `arguments`; return rank 0's result (the stage's output as JSON).
+    """Run `stage` on the launcher's ranks with `arguments`; return rank 0's result (the stage's output as JSON).
 
-    With several nodes every node calls this with its own `distributed.node_rank`; only node 0 gets the
-    result back (the others return None once their ranks finished cleanly).
+    With several nodes under torchrun, node 0 calls this and every other node runs `join_launches` (the
+    `adaptflow node` command) on the same shared workdir: it finds the spec written here and starts that
+    node's ranks. Only node 0 gets the result back.
     """
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    result_path = job_dir / "result.json"
-    result_path.unlink(missing_ok=True)
-    spec = {"stage": stage, "arguments": arguments, "tracking": tracking, "result": str(result_path)}
+    (job_dir / "result.json").unlink(missing_ok=True)
+    spec = {"stage": stage, "launch_id": uuid.uuid4().hex, "distributed": distributed.model_dump(mode="json"),
+            "arguments": arguments, "tracking": tracking, "result": str(job_dir / "result.json")}
     spec_path = job_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
-    logs = job_dir / "logs"
+    temporary = spec_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(spec, indent=2))
+    temporary.replace(spec_path)  # a node agent never reads half a spec
+    return run_spec(spec_path, distributed)
+
+
+def run_spec(spec_path: Path, distributed: DistributedConfig) -> dict | None:
+    """Start this node's ranks on a written spec; wait; rank 0's result on node 0, None on the others."""
+    job_dir = spec_path.parent
+    stage = json.loads(spec_path.read_text())["stage"]
+    result_path = job_dir / "result.json"
+    logs = job_dir / "logs" if distributed.node_rank == 0 else job_dir / f"logs-node{distributed.node_rank}"
     errors = job_dir / "errors"  # the deepspeed launcher's ranks write their exceptions here
-    shutil.rmtree(errors, ignore_errors=True)
+    if distributed.node_rank == 0:
+        shutil.rmtree(errors, ignore_errors=True)
     if distributed.launcher == "deepspeed":
         command = deepspeed_command(distributed, spec_path)
     else:
@@ -68,6 +84,47 @@ def launch_stage(stage: str, arguments: dict, *, distributed: DistributedConfig,
     if not result_path.is_file():
         raise StageFailed(f"stage {stage} exited cleanly but rank 0 wrote no result at {result_path}")
     return json.loads(result_path.read_text())
+
+
+def join_launches(workdir: Path, node_rank: int, *, idle_minutes: float = 60, poll_seconds: float = 2,
+                  recent_minutes: float = 10) -> int:
+    """Node agent of node `node_rank` > 0: start this node's ranks for every multi-node stage that node 0
+    launches under `workdir` (shared by all nodes), one after another; return how many it joined.
+
+    A spec counts when it was written in the last `recent_minutes` (torchrun's rendezvous waits about that
+    long for the other nodes) and not joined yet. The agent stops when `launch/agents.stop` is touched after
+    it started (node 0's job script does so when the build ends), or after `idle_minutes` without a new
+    stage. A stage failing here is logged and left to node 0, whose task reports it.
+    """
+    if node_rank < 1:
+        raise ValueError("node 0 runs the build itself; agents are nodes 1 … nnodes-1")
+    joined: set[str] = set()
+    started = time.time()
+    stop = Path(workdir) / "launch" / STOP_FILE
+    idle_since = time.monotonic()
+    log.info("node %d: watching %s for multi-node stages", node_rank, Path(workdir) / "launch")
+    while time.monotonic() - idle_since < idle_minutes * 60:
+        if stop.is_file() and stop.stat().st_mtime >= started:
+            break
+        for spec_path in sorted(Path(workdir).glob("launch/*/spec.json")):
+            try:
+                spec = json.loads(spec_path.read_text())
+                distributed = DistributedConfig(**spec["distributed"])
+            except (OSError, ValueError, KeyError):
+                continue
+            fresh = time.time() - spec_path.stat().st_mtime < recent_minutes * 60
+            if spec["launch_id"] in joined or not fresh or distributed.launcher != "torchrun" \
+                    or node_rank >= distributed.nnodes:
+                continue
+            joined.add(spec["launch_id"])
+            try:
+                run_spec(spec_path, distributed.model_copy(update={"node_rank": node_rank}))
+                log.info("node %d: stage %s done", node_rank, spec["stage"])
+            except StageFailed as err:
+                log.error("node %d: %s", node_rank, err)
+            idle_since = time.monotonic()
+        time.sleep(poll_seconds)
+    return len(joined)
 
 
 def torchrun_command(distributed: DistributedConfig, spec_path: Path, log_dir: Path) -> list[str]:

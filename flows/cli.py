@@ -3,6 +3,7 @@
     adaptflow validate domains/biomedical.yaml [--set stages.pretrain.lr=5e-5]
     adaptflow build domains/biomedical.yaml [--set k=v ...] [--tracking-uri URI] [--summary-json PATH]
                                             [--max-steps N] [--max-examples N]
+    adaptflow node WORKDIR --node-rank K     # nodes 1 … N-1 of a multi-node torchrun build
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ def build(
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary, indent=2))
         console.print(f"summary written to {summary_json}")
+
+
+@app.command()
+def node(
+    workdir: Annotated[Path, typer.Argument(help="The build's workdir, shared with node 0 (NFS, Lustre, …)")],
+    node_rank: Annotated[int, typer.Option(min=1, help="This node's rank: 1 … nnodes-1")],
+    idle_minutes: Annotated[float, typer.Option(help="Stop after this long without a new stage")] = 60,
+) -> None:
+    """Run on nodes 1 … N-1 of a multi-node build: start this node's ranks for each stage node 0 launches."""
+    from adaptflow.launch import join_launches
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    joined = join_launches(workdir, node_rank, idle_minutes=idle_minutes)
+    console.print(f"node {node_rank}: joined {joined} stage(s); no new stage for {idle_minutes:g} minutes")
 
 
 def main() -> None:

@@ -124,3 +124,18 @@ def test_recipe_digest_changes_with_content():
     b = load_recipe(DOMAINS / "tiny.yaml", ["stages.pretrain.lr=0.1"])
     assert a.digest() == load_recipe(DOMAINS / "tiny.yaml").digest()
     assert a.digest() != b.digest()
+
+
+@pytest.mark.parametrize("example", ["slurm/build.sbatch", "kubernetes/build-job.yaml"])
+def test_the_infra_examples_set_only_recipe_keys_that_exist(example):
+    """The job scripts' `--set` overrides (shell variables given sample values) load into a valid recipe."""
+    import re
+
+    text = (DOMAINS.parent / "infra" / example).read_text()
+    samples = {"WORKDIR": "/shared/runs", "SLURM_NNODES": "2", "GPUS_PER_NODE": "8", "HEAD": "node0"}
+    overrides = [re.sub(r"\$(\w+)", lambda m: samples[m.group(1)], value.replace('"', ""))
+                 for value in re.findall(r"--set (\S+)", text)]
+    assert len(overrides) >= 5
+    recipe = load_recipe(DOMAINS / "biomedical.yaml", overrides)
+    assert recipe.distributed.launcher == "torchrun" and recipe.distributed.nnodes == 2
+    assert Path(DOMAINS.parent / recipe.distributed.deepspeed).is_file()

@@ -17,7 +17,7 @@ import pytest
 
 from adaptflow.config import DistributedConfig, ModelConfig, PretrainConfig, TinyModelConfig
 from adaptflow.data import prepare_corpus
-from adaptflow.launch import StageFailed, _root_cause, launch_stage
+from adaptflow.launch import StageFailed, _root_cause, join_launches, launch_stage
 from adaptflow.models import materialize_base_model
 from tasks import jsonable
 from tests.conftest import DOMAINS
@@ -78,23 +78,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_nodes_of_one_process_each_rendezvous_on_loopback(inputs, tmp_path):
-    port = free_port()
-    results = {}
-
-    def node(rank: int) -> None:
-        nodes = DistributedConfig(launcher="torchrun", nnodes=2, node_rank=rank, nproc_per_node=1,
-                                  rdzv_endpoint=f"127.0.0.1:{port}", omp_num_threads=1, timeout_minutes=10)
-        results[rank] = launch_stage("pretrain", arguments(inputs, tmp_path / "stages"), distributed=nodes,
-                                     job_dir=tmp_path / f"node{rank}")
-
-    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert results[1] is None and results[0]["world_size"] == 2
-    assert (Path(results[0]["uri"]) / "model.safetensors").is_file()
+def test_two_nodes_rendezvous_on_loopback_node_1_started_by_its_agent(inputs, tmp_path):
+    """Node 0 launches the stage as a build does; node 1's agent (`adaptflow node`) finds the spec in the shared
+    workdir and starts its rank; the stage completes with world size 2 and only node 0 gets the result."""
+    nodes = DistributedConfig(launcher="torchrun", nnodes=2, nproc_per_node=1, omp_num_threads=1,
+                              rdzv_endpoint=f"127.0.0.1:{free_port()}", timeout_minutes=10)
+    joined = []
+    agent = threading.Thread(target=lambda: joined.append(join_launches(tmp_path, 1, poll_seconds=0.2)))
+    agent.start()
+    result = launch_stage("pretrain", arguments(inputs, tmp_path / "stages"), distributed=nodes,
+                          job_dir=tmp_path / "launch" / "pretrain-key")
+    (tmp_path / "launch" / "agents.stop").touch()  # what node 0's job script does when the build ends
+    agent.join(timeout=60)
+    assert joined == [1] and result["world_size"] == 2
+    assert (Path(result["uri"]) / "model.safetensors").is_file()
+    assert (tmp_path / "launch" / "pretrain-key" / "logs-node1").is_dir()
 
 
 def rank_pids(spec: Path) -> dict[int, int]:
