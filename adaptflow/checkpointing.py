@@ -6,6 +6,9 @@ Layout, under `<stage dir>/checkpoints/`, one directory per save (older ones pru
     step-0000040/model.safetensors …     plain torch: an HF checkpoint plus optimizer.safetensors
     step-0000040/*_states.pt             DeepSpeed: its own per-rank files (ZeRO shards of the optimizer)
 
+With a mirror (`checkpoint_mirror` in the recipe, e.g. `s3://bucket/prefix`), rank 0 copies each complete
+save there, and a rerun that finds no local save fetches the mirror's.
+
 DeepSpeed writes its files with `torch.save` and reads them with `torch.load(weights_only=False)`, which
 runs arbitrary pickled code. Under adaptflow it writes them through `SafetensorsCheckpointEngine` instead:
 DeepSpeed's layout and file names, but each file holds safetensors (tensors) with the nested structure
@@ -24,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from adaptflow import storage
 
 STATE_FILE = "trainer_state.json"
 
@@ -48,6 +53,28 @@ def mark_complete(directory: Path, step: int, **extra) -> None:
 
 def saved_step(state: Path) -> int:
     return int(json.loads((state / STATE_FILE).read_text())["step"])
+
+
+def mirror_state(state: Path, mirror: str) -> None:
+    """Copy a complete save to `mirror` (an `s3://` URI or a path), its marker last; drop older saves there."""
+    storage.upload_directory(state, storage.join(mirror, state.name), last=STATE_FILE)
+    for name in storage.list_directories(mirror):
+        if name.startswith("step-") and name != state.name:
+            storage.remove_directory(storage.join(mirror, name))
+
+
+def fetch_state(directory: Path, mirror: str) -> Path | None:
+    """The latest complete save: the local one, else the mirror's, copied into `directory` (a rerun on
+    another machine, or after the local disk was lost)."""
+    if (local := latest_training_state(directory)) is not None:
+        return local
+    complete = [name for name in storage.list_directories(mirror)
+                if name.startswith("step-") and storage.exists(storage.join(mirror, name, STATE_FILE))]
+    if not complete:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    storage.download_directory(storage.join(mirror, complete[-1]), state_dir(directory, 0).with_name(complete[-1]))
+    return latest_training_state(directory)
 
 
 def save_training_state(directory: Path, step: int, model, tokenizer, optimizer) -> None:

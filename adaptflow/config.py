@@ -325,6 +325,7 @@ class Recipe(Section):
     seed: int = 0
     data_root: str | None = None
     workdir: str = "adaptflow-runs"
+    checkpoint_mirror: str | None = None  # s3://bucket/prefix (or a path): resumable states copied there too
     model: ModelConfig
     corpora: dict[str, CorpusConfig] = Field(default_factory=dict)
     tasks: dict[str, TaskDataConfig] = Field(default_factory=dict)

@@ -289,7 +289,7 @@ def _pretrain(arguments: dict, runtime, log_metrics):
         seed=arguments["seed"], mlflow_run_id=arguments.get("mlflow_run_id"),
         build_run_id=arguments.get("build_run_id"), log_metrics=log_metrics,
         trust_remote_code=arguments.get("trust_remote_code", False), runtime=runtime,
-        deepspeed=arguments.get("deepspeed"),
+        deepspeed=arguments.get("deepspeed"), checkpoint_mirror=arguments.get("checkpoint_mirror"),
     )
     return checkpoint.to_dict()
 

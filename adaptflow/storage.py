@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -170,6 +171,65 @@ def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise DataError(f"cannot write {target}: {exc} (check permissions and free space)") from exc
         raise
+
+
+def upload_directory(local: str | os.PathLike, uri: str, *, last: str | None = None) -> None:
+    """Copy every file under `local` to `uri` with the same relative names. The file named `last` goes last,
+    so a reader that waits for it sees a complete copy."""
+    local = Path(local)
+    fs, base = filesystem_for(uri)
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    try:
+        if not is_s3(uri):
+            fs.create_dir(base, recursive=True)
+        for file in files:
+            target = f"{base}/{file.relative_to(local).as_posix()}"
+            if not is_s3(uri):
+                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with file.open("rb") as source, fs.open_output_stream(target) as out:
+                while chunk := source.read(16 << 20):
+                    out.write(chunk)
+    except OSError as exc:
+        raise _translate(exc, str(uri), "directory") from exc
+
+
+def download_directory(uri: str, local: str | os.PathLike) -> None:
+    """Copy every file under `uri` into `local`, which appears whole (written aside, then renamed)."""
+    local = Path(local)
+    fs, base = filesystem_for(uri)
+    staging = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+    try:
+        for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            if info.type != pafs.FileType.File:
+                continue
+            target = staging / info.path[len(base):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as source, target.open("wb") as out:
+                while chunk := source.read(16 << 20):
+                    out.write(chunk)
+        os.replace(staging, local)
+    except OSError as exc:
+        raise _translate(exc, str(uri), "directory") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def list_directories(uri: str) -> list[str]:
+    """Names of the directories (S3: common prefixes) directly under `uri`; none when it does not exist."""
+    fs, base = filesystem_for(uri)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError as exc:
+        raise _translate(exc, str(uri), "directory") from exc
+    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+
+
+def remove_directory(uri: str) -> None:
+    fs, base = filesystem_for(uri)
+    try:
+        fs.delete_dir(base)
+    except OSError as exc:
+        raise _translate(exc, str(uri), "directory") from exc
 
 
 def _local_path(uri: str | os.PathLike) -> Path:

@@ -35,6 +35,7 @@ def pretrain(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> Ch
             base=base, train_data=corpus.train, validation_data=corpus.validation if corpus.validation.rows else None,
             replay_data=replay, work_dir=ctx.workdir / "stages", cache_dir=ctx.cache_dir, seed=ctx.recipe.seed,
             mlflow_run_id=run_id, build_run_id=ctx.build_run_id, trust_remote_code=ctx.recipe.model.trust_remote_code,
+            checkpoint_mirror=ctx.recipe.checkpoint_mirror,
         )
         checkpoint = run_or_launch(ctx, STAGE, run_pretrain, config, arguments, from_json=lambda r: CheckpointRef(**r),
                                    client=client, run_id=run_id, key=key)

@@ -120,6 +120,36 @@ def test_a_killed_stage_resumes_exactly_where_it_stopped(tmp_path, corpus):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_stage_whose_machine_was_lost_resumes_from_its_s3_mirror(tmp_path, corpus, s3_env, s3_client):
+    """Saves are copied to `checkpoint_mirror` (S3 here); a rerun with an empty local workdir fetches the
+    latest one and ends with the weights of an unbroken run."""
+    base = base_model(tmp_path, corpus)
+    reference, _ = pretrain(tmp_path / "uninterrupted", corpus, base, max_steps=12, save_every=5, eval_every=0,
+                            log_every=1)
+
+    def crash(step, metrics):
+        if step == 8:
+            raise KeyboardInterrupt("killed")
+
+    config = PretrainConfig(block_size=32, batch_size=8, max_steps=12, lr=3e-3, log_every=1, save_every=5,
+                            eval_every=0)
+    kwargs = dict(base=base, train_data=corpus.train, validation_data=corpus.validation, cache_dir=tmp_path / "cache",
+                  seed=0, checkpoint_mirror=f"s3://{s3_env}/resume")
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(config, log_metrics=crash, work_dir=tmp_path / "machine-a", **kwargs)
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_env)["Contents"]]
+    assert {k.split("/")[2] for k in keys} == {"step-0000005"} and any(k.endswith("trainer_state.json") for k in keys)
+    steps = []
+    resumed = run_pretrain(config, log_metrics=lambda step, m: "loss" in m and steps.append(step),
+                           work_dir=tmp_path / "machine-b", **kwargs)
+    assert steps[0] == 6, "resumed after the mirrored save (step 5), not from zero"
+    ours, theirs = load_file(f"{resumed.uri}/model.safetensors"), load_file(f"{reference.uri}/model.safetensors")
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_env)["Contents"] if not o["Key"].endswith("/")]
+    assert {k.split("/")[2] for k in keys} == {"step-0000010"}, "older saves are pruned on the mirror"
+
+
 def test_head_warmup_trains_the_head_alone_first(abstracts, tiny_bert):
     model, tokenizer = copy.deepcopy(tiny_bert[0]), tiny_bert[1]
     config = PretrainConfig(block_size=32, batch_size=4, max_steps=20, head_warmup_steps=3, lr=1e-3, head_lr=1e-2)

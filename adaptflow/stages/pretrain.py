@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from adaptflow.checkpointing import latest_training_state
+from adaptflow import storage
+from adaptflow.checkpointing import fetch_state, latest_training_state, mirror_state, state_dir
 from adaptflow.config import PretrainConfig
 from adaptflow.data import load_texts
 from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
@@ -53,11 +54,15 @@ def run_pretrain(
     trust_remote_code: bool = False,
     runtime: Runtime = SINGLE,
     deepspeed: str | dict | None = None,
+    checkpoint_mirror: str | None = None,
 ) -> CheckpointRef:
     """Continue pretraining `base` on `train_data`; write `work_dir/pretrain-<key>/final` and return its ref.
 
     A run interrupted after a periodic save (`save_every`) resumes from it when called again with the
     same inputs (same cache key), replaying exactly the steps an uninterrupted run would have taken.
+
+    With `checkpoint_mirror` (an `s3://` URI or a path) each periodic save is copied there too, and a run
+    that finds no local save resumes from the mirror's.
 
     Under a launcher every rank calls this; `deepspeed` (a DeepSpeed JSON config) runs the loop under ZeRO.
     Rank 0 alone logs and writes checkpoints.
@@ -113,9 +118,18 @@ def run_pretrain(
         engine = TorchEngine(model, optimizer, runtime, max_grad_norm=config.max_grad_norm)
     start_step = 0
     states = stage_dir / "checkpoints"
+    mirror = storage.join(checkpoint_mirror, stage_dir.name) if checkpoint_mirror else None
+    if mirror and runtime.is_main:
+        fetch_state(states, mirror)
+    runtime.barrier()
     if (latest := latest_training_state(states)) is not None:
         start_step = engine.load_state(latest)
         log.info("resuming %s from %s (step %d of %d)", STAGE, latest, start_step, config.max_steps)
+
+    def save_state(step: int) -> None:
+        engine.save_state(states, step, tokenizer)
+        if mirror and runtime.is_main:
+            mirror_state(state_dir(states, step), mirror)
 
     def evaluate() -> dict[str, float]:
         result = perplexity(model, objective, eval_blocks, batch_size=config.batch_size, device=device, bf16=config.bf16)
@@ -144,7 +158,7 @@ def run_pretrain(
         start_step=start_step,
         step_hooks=[freeze] if freeze else [],
         evaluate=evaluate if eval_blocks is not None else None,
-        save_state=lambda step: engine.save_state(states, step, tokenizer),
+        save_state=save_state,
         log_metrics=log_metrics if runtime.is_main else None,
         runtime=runtime,
         engine=engine,
