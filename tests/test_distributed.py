@@ -92,3 +92,14 @@ def test_a_crashed_run_resumes_from_its_last_save_and_ends_where_an_unbroken_one
     assert losses == unbroken[0][2:]
     for name, tensor in unbroken[1].items():
         assert torch.equal(weights[name], tensor), name
+
+
+def test_the_gpu_throughput_benchmark_runs_end_to_end_in_its_smoke_mode():
+    """bench/gpu_throughput.py is run on a lent GPU only; its smoke mode keeps it working in between."""
+    script = Path(__file__).resolve().parents[1] / "bench/gpu_throughput.py"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "ADAPTFLOW_DEVICE": "cpu"}
+    done = subprocess.run([sys.executable, str(script), "--smoke"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    numbers = dict(pair.split("=") for pair in done.stdout.strip().splitlines()[-1].split())
+    assert float(numbers["tokens_per_s"]) > 0 and 0 < float(numbers["mfu"]) < 1
