@@ -100,7 +100,7 @@ def main() -> None:
                 "proxy_a_distance": m["proxy_a_distance"], "discriminator_accuracy": m["discriminator_accuracy"],
             })
             r = runs[-1]
-            print(f"  {pair:<18} seed {seed}: target test accuracy source-only {r['source_only']:.4f}  DANN "
+            print(f"  {pair:<20} seed {seed}: target test accuracy source-only {r['source_only']:.4f}  DANN "
                   f"{r['dann']:.4f}  guard {'accepted' if r['accepted'] else 'rejected'}  PAD "
                   f"{r['proxy_a_distance_before']:.2f} → {r['proxy_a_distance']:.2f}  ({r['seconds']:.0f} s)",
                   flush=True)
@@ -108,7 +108,7 @@ def main() -> None:
                                             "complete": False}, indent=2))
 
     print()
-    print(f"{'pair':<18} {'source-only':>16} {'DANN':>16} {'DANN − src':>11} {'guarded':>16}  accepted"
+    print(f"{'pair':<20} {'source-only':>16} {'DANN':>16} {'DANN − src':>11} {'guarded':>16}  accepted"
           f"   (target test accuracy, mean ± std over {len(args.seeds)} seeds)")
     table, columns = {}, ("source_only", "dann", "guarded")
     for pair in [*args.pairs, "average"]:
@@ -123,7 +123,7 @@ def main() -> None:
         table[pair] = {c: {"mean": m, "std": sd} for c, (m, sd) in stats.items()} | {
             "dann_minus_source_only": diff, "accepted": accepted, "runs": len(rows)}
         cell = {c: f"{stats[c][0]:>8.4f} ± {stats[c][1]:.4f}" for c in columns}
-        print(f"{pair:<18} {cell['source_only']} {cell['dann']} {diff:>+11.4f} {cell['guarded']}  {accepted}/{len(rows)}")
+        print(f"{pair:<20} {cell['source_only']} {cell['dann']} {diff:>+11.4f} {cell['guarded']}  {accepted}/{len(rows)}")
     headline = {"source_only": round(table["average"]["source_only"]["mean"], 4),
                 "dann": round(table["average"]["dann"]["mean"], 4),
                 "dann_minus_source_only": round(table["average"]["dann_minus_source_only"], 4),
