@@ -265,12 +265,15 @@ class StagesConfig(Section):
 
 
 class EvaluationConfig(Section):
-    """Perplexity of the base model and the build's model on the validation split of each named corpus."""
+    """Knowledge preservation: (pseudo-)perplexity of the base model and the build's language model on the
+    validation split of each named corpus (masked LMs: pseudo-perplexity over `pseudo_perplexity_tokens`
+    tokens, one forward pass each; causal LMs: perplexity over `max_blocks` blocks)."""
 
     enabled: bool = True
     corpora: list[str] = Field(default_factory=lambda: ["domain"])
     block_size: Annotated[int, Field(ge=8)] = 128
     max_blocks: PositiveInt = 64
+    pseudo_perplexity_tokens: PositiveInt = 1024
     batch_size: PositiveInt = 16
 
 

@@ -1,4 +1,10 @@
-"""Evaluation: language-model perplexity on held-out blocks (fixed masks, so numbers compare across models)."""
+"""Evaluation: how well a language model predicts held-out text, comparable across models.
+
+- `pseudo_perplexity` for masked LMs (Salazar et al., 2020): every scored token is masked alone and predicted
+  from all the others; exp of the mean negative log-likelihood. Deterministic, no sampled masks.
+- `perplexity` for causal LMs (every next token), and for masked LMs under one fixed seeded mask (the cheap
+  monitor the pretraining stage logs while it trains).
+"""
 
 from __future__ import annotations
 
@@ -41,6 +47,42 @@ def perplexity(
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(blocks.numel())}
 
 
+@torch.no_grad()
+def pseudo_perplexity(
+    model: torch.nn.Module,
+    objective,
+    blocks: torch.Tensor,
+    *,
+    special_ids: set[int],
+    mask_id: int,
+    max_tokens: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Masked-LM pseudo-perplexity over the first `max_tokens` non-special tokens of `blocks`.
+
+    Each scored token costs one forward pass (a copy of its block with it masked), batched `batch_size` copies
+    at a time; only the masked positions go through the vocabulary projection (the objective's loss).
+    """
+    model.eval()
+    scorable = ~torch.isin(blocks, torch.tensor(sorted(special_ids), dtype=blocks.dtype))
+    where = scorable.nonzero()[:max_tokens]
+    if len(where) == 0:
+        raise ValueError("no tokens to score: the evaluation blocks hold only special tokens")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(where), batch_size):
+        chunk = where[start : start + batch_size]
+        rows = torch.arange(len(chunk))
+        input_ids = blocks[chunk[:, 0]].clone()
+        labels = torch.full_like(input_ids, -100)
+        labels[rows, chunk[:, 1]] = input_ids[rows, chunk[:, 1]]
+        input_ids[rows, chunk[:, 1]] = mask_id
+        batch = {"input_ids": input_ids.to(device), "labels": labels.to(device)}
+        total += objective.loss(model, batch).double()
+    loss = total.item() / len(where)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(len(where))}
+
+
 def compare_perplexity(
     base,
     candidate,
@@ -50,10 +92,12 @@ def compare_perplexity(
     block_size: int,
     max_blocks: int,
     batch_size: int,
+    pseudo_tokens: int = 1024,
     cache_dir=None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Perplexity of `base` and `candidate` (CheckpointRefs) on the same held-out blocks of each corpus.
+    """Perplexity of `base` and `candidate` (CheckpointRefs) on the same held-out blocks of each corpus:
+    pseudo-perplexity over `pseudo_tokens` tokens for masked LMs, perplexity for causal LMs.
 
     `corpora` maps a name to the DatasetRef to evaluate on. Returns `<name>_perplexity_before`,
     `<name>_perplexity_after` and `<name>_perplexity_change_pct` (negative = the candidate is better).
@@ -83,7 +127,12 @@ def compare_perplexity(
                         f"evaluation corpus {name!r} ({data.uri}) has fewer than {block_size} tokens: "
                         "raise its validation_fraction or lower evaluation.block_size"
                     )
-            result = perplexity(model, obj, blocks[name], batch_size=batch_size, device=device)
+            if objective == "mlm":
+                result = pseudo_perplexity(model, obj, blocks[name], special_ids=set(tokenizer.all_special_ids),
+                                           mask_id=tokenizer.mask_token_id, max_tokens=pseudo_tokens,
+                                           batch_size=batch_size, device=device)
+            else:
+                result = perplexity(model, obj, blocks[name], batch_size=batch_size, device=device)
             metrics[f"{name}_perplexity_{when}"] = result["perplexity"]
         del model
     for name in corpora:

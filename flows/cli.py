@@ -145,7 +145,7 @@ def _print_summary(summary: dict) -> None:
         out.print(table)
     corpora = sorted({k.rsplit("_perplexity_", 1)[0] for k in metrics if "_perplexity_" in k})
     if corpora:
-        ppl = Table(title="perplexity (held-out, fixed masks)")
+        ppl = Table(title="knowledge preservation: held-out (pseudo-)perplexity")
         for column in ("corpus", "before", "after", "change"):
             ppl.add_column(column, justify="right")
         for name in corpora:

@@ -35,6 +35,7 @@ def evaluate(
             block_size=config.block_size,
             max_blocks=config.max_blocks,
             batch_size=config.batch_size,
+            pseudo_tokens=config.pseudo_perplexity_tokens,
             cache_dir=ctx.cache_dir,
             seed=ctx.recipe.seed,
         )
