@@ -264,6 +264,15 @@ class StagesConfig(Section):
     finetune: FinetuneConfig | None = None
 
 
+class RobustnessConfig(Section):
+    """The fine-tuned model's task metric on the test set under seeded noise, and its drop from clean."""
+
+    perturbations: list[Literal["typos", "casing", "punctuation", "word_dropout"]] = Field(
+        default_factory=lambda: ["typos", "casing", "punctuation", "word_dropout"], min_length=1)
+    rate: Annotated[float, Field(gt=0, le=1)] = 0.1  # fraction of words perturbed
+    max_examples: PositiveInt = 1000  # a seeded sample of the test set (clean and noisy share it)
+
+
 class EvaluationConfig(Section):
     """Knowledge preservation: (pseudo-)perplexity of the base model and the build's language model on the
     validation split of each named corpus (masked LMs: pseudo-perplexity over `pseudo_perplexity_tokens`
@@ -275,6 +284,10 @@ class EvaluationConfig(Section):
     max_blocks: PositiveInt = 64
     pseudo_perplexity_tokens: PositiveInt = 1024
     batch_size: PositiveInt = 16
+    # The fine-tuned model (every seed): its task's test set, labelled out-of-distribution sets (tasks of the
+    # same type and labels; their test split, else all of their data), and robustness to noise.
+    ood_tasks: list[str] = Field(default_factory=list)
+    robustness: RobustnessConfig | None = RobustnessConfig()
 
 
 class TrackingConfig(Section):
@@ -379,6 +392,8 @@ class Recipe(Section):
             used.update(t for t in (adapt.source_task, adapt.target_task) if t)
         if finetune is not None and finetune.enabled:
             used.add(finetune.task)
+            if self.evaluation.enabled:
+                used.update(self.evaluation.ood_tasks)
         return [name for name in self.tasks if name in used]
 
     def capped(self, *, max_steps: int | None = None, max_examples: int | None = None) -> Recipe:
@@ -513,6 +528,7 @@ def _cross_reference_problems(raw: dict) -> list[str]:
     tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
     declared_tasks = ", ".join(sorted(tasks)) or "none declared"
     task_refs: list[tuple[str, Any]] = []
+    task_problems_extra: list[str] = []
     adapt = stages.get("adapt")
     if isinstance(adapt, dict) and adapt.get("enabled", True):
         task_refs += [("stages.adapt.source_task", adapt.get("source_task")),
@@ -528,12 +544,22 @@ def _cross_reference_problems(raw: dict) -> list[str]:
     names = evaluation.get("corpora", ["domain"])
     if isinstance(names, list) and evaluation.get("enabled", True):
         refs += [(f"evaluation.corpora[{i}]", name) for i, name in enumerate(names)]
+    ood = evaluation.get("ood_tasks", [])
+    if isinstance(ood, list) and evaluation.get("enabled", True):
+        task_refs += [(f"evaluation.ood_tasks[{i}]", name) for i, name in enumerate(ood)]
+        main = tasks.get(finetune.get("task")) if isinstance(finetune, dict) else None
+        for name in ood:
+            other = tasks.get(name) if isinstance(name, str) else None
+            if isinstance(main, dict) and isinstance(other, dict) and other.get("type") != main.get("type"):
+                task_problems_extra.append(
+                    f"evaluation.ood_tasks: {name!r} is a {other.get('type')} task but the fine-tuned model "
+                    f"solves {main.get('type')} ({finetune.get('task')!r}); list tasks of the same type")
     task_problems = [
         f"{where}: {name!r} is not a declared task (declared: {declared_tasks}); add it under tasks: or fix the name"
         for where, name in task_refs
         if isinstance(name, str) and name not in tasks
     ]
-    return task_problems + [
+    return task_problems + task_problems_extra + [
         f"{where}: {name!r} is not a declared corpus (declared: {known}); add it under corpora: or fix the name"
         for where, name in refs
         if isinstance(name, str) and name not in corpora

@@ -139,3 +139,86 @@ def compare_perplexity(
         before, after = metrics[f"{name}_perplexity_before"], metrics[f"{name}_perplexity_after"]
         metrics[f"{name}_perplexity_change_pct"] = 100.0 * (after - before) / before
     return metrics
+
+
+def task_suite(
+    checkpoint,
+    config,
+    *,
+    kind: str,
+    labels: list[str],
+    test,
+    ood: dict | None = None,
+    robustness=None,
+    metric: str | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Scores of one fine-tuned checkpoint: `test_*` on its task's test set, `ood_<name>_*` on each labelled
+    out-of-distribution set, and, with a `RobustnessConfig`, `robust_<kind>_<metric>` and `robust_<kind>_drop`
+    (clean minus noisy, on one seeded sample of the test set) for each perturbation, `robustness_drop_max`
+    the worst. `config` is the fine-tuning config (max_length, prompt template); `ood` maps names to the
+    DatasetRefs whose records together form that set.
+    """
+    import random
+
+    from adaptflow.errors import DataError
+    from adaptflow.labelled import load_records
+    from adaptflow.models import load_task_model
+    from adaptflow.perturb import perturb_records
+    from adaptflow.stages.finetune import encode, eval_objective, score
+    from adaptflow.train import pick_device
+
+    metric = metric or primary_metric(kind)
+    device = pick_device()
+    model, tokenizer = load_task_model(checkpoint, kind, labels)
+    model.to(device)
+    objective = eval_objective(kind, tokenizer, labels)
+
+    def scores(records: list[dict], where: str) -> dict[str, float]:
+        unknown = {r["label"] for r in records if "label" in r} - set(labels)
+        unknown |= {t[2:] for r in records for t in r.get("tags", ()) if t != "O"} - {
+            t[2:] for t in labels if t != "O"}
+        if unknown:
+            raise DataError(f"{where} has labels the model does not know: {sorted(unknown)[:5]}; "
+                            f"its labels are {labels}")
+        items = encode(records, kind, tokenizer, config, labels)
+        return score(model, objective, items, kind, labels, batch_size=batch_size, device=device)[0]
+
+    test_records = load_records(test)
+    metrics = {f"test_{k}": v for k, v in scores(test_records, "the test set").items()}
+    for name, refs in (ood or {}).items():
+        records = [record for ref in refs for record in load_records(ref)]
+        metrics |= {f"ood_{name}_{k}": v for k, v in scores(records, f"OOD set {name!r}").items()}
+    if robustness is not None and kind != "sft":
+        sample = test_records
+        if len(sample) > robustness.max_examples:
+            picked = sorted(random.Random(seed).sample(range(len(sample)), robustness.max_examples))
+            sample = [sample[i] for i in picked]
+        clean = scores(sample, "the test sample")[metric]
+        metrics[f"robust_clean_{metric}"] = clean
+        for perturbation in robustness.perturbations:
+            noisy = scores(perturb_records(sample, perturbation, rate=robustness.rate, seed=seed),
+                           f"the {perturbation} test sample")[metric]
+            metrics[f"robust_{perturbation}_{metric}"] = noisy
+            metrics[f"robust_{perturbation}_drop"] = clean - noisy
+        metrics["robustness_drop_max"] = max(metrics[f"robust_{p}_drop"] for p in robustness.perturbations)
+    return metrics
+
+
+def primary_metric(kind: str) -> str:
+    """The metric robustness drops and gates read by default: macro-F1 for classes, entity F1 for NER."""
+    return {"classification": "macro_f1", "ner": "entity_f1", "sft": "loss"}[kind]
+
+
+def aggregate(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """`<metric>_mean` and `_std` (sample std; 0 for one seed) of the metrics every seed has."""
+    import statistics
+
+    shared = set.intersection(*(set(m) for m in per_seed.values()))
+    out = {}
+    for name in sorted(shared):
+        values = [m[name] for m in per_seed.values()]
+        out[f"{name}_mean"] = statistics.fmean(values)
+        out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out

@@ -46,11 +46,13 @@ def build(
         base = prepare_model(ctx, data)
         language_model = pretrain(ctx, base, data) if "pretrain" in stages else base
         model = adapt(ctx, language_model, data) if "adapt" in stages else language_model
+        finetuned = None
         if "finetune" in stages:
             seeds = recipe.stages.finetune.seeds
-            select_seed(ctx, finetune.map(unmapped(ctx), unmapped(model), unmapped(data), seed=seeds).result())
+            finetuned = finetune.map(unmapped(ctx), unmapped(model), unmapped(data), seed=seeds).result()
+            select_seed(ctx, finetuned)
         if recipe.evaluation.enabled:
-            evaluate(ctx, base, language_model, data)
+            evaluate(ctx, base, language_model, finetuned, data)
     return build_summary(ctx.tracking.client(), ctx.build_run_id)
 
 

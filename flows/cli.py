@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,9 @@ from adaptflow.errors import AdaptflowError, RecipeError
 app = typer.Typer(help="Build domain-specialised language models as tracked, multi-stage workflows.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console(stderr=True)
+
+# The evaluation rows the summary shows: task and OOD scores, calibration, robustness drops.
+EVALUATION_ROWS = r"(test|ood_\w+?)_(macro_f1|entity_f1|accuracy|ece)|robust_\w+_drop|robustness_drop_max"
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: a.b.c=value")]
 
@@ -142,6 +146,16 @@ def _print_summary(summary: dict) -> None:
         for name in task_metrics:
             mean, std = metrics[f"finetune.test_{name}_mean"], metrics[f"finetune.test_{name}_std"]
             table.add_row(name, f"{mean:.4f} ± {std:.4f}")
+        out.print(table)
+    evaluated = [k.removeprefix("eval.").removesuffix("_mean") for k in metrics if k.startswith("eval.")
+                 and k.endswith("_mean") and re.fullmatch(EVALUATION_ROWS, k.removeprefix("eval.")[:-5])]
+    if evaluated:
+        seeds = sum(1 for name in summary["stages"] if name.startswith("finetune-seed"))
+        table = Table(title=f"evaluation (mean ± std over {seeds} seed(s))", min_width=56)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name in evaluated:
+            table.add_row(name, f"{metrics[f'eval.{name}_mean']:.4f} ± {metrics[f'eval.{name}_std']:.4f}")
         out.print(table)
     corpora = sorted({k.rsplit("_perplexity_", 1)[0] for k in metrics if "_perplexity_" in k})
     if corpora:

@@ -1,13 +1,15 @@
-"""Evaluation as a Prefect task: perplexity of the base model vs the build's model, per evaluation corpus."""
+"""Evaluation as a Prefect task: knowledge preservation (base vs the build's language model) and, for every
+fine-tuned seed, the task's test set, out-of-distribution sets and robustness to noise."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adaptflow.evaluate import compare_perplexity
+from adaptflow.evaluate import aggregate, compare_perplexity, task_suite
 from adaptflow.models import infer_objective
 from adaptflow.refs import CheckpointRef, EvalReport
+from adaptflow.stages.finetune import FinetuneResult
 from adaptflow.tracking import log_dataset, metrics_logger
 from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
 from tasks.prepare import PreparedInputs
@@ -16,7 +18,8 @@ from tasks.prepare import PreparedInputs
 @task(name="evaluate", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def evaluate(
-    ctx: BuildContext, base: CheckpointRef, candidate: CheckpointRef, data: PreparedInputs
+    ctx: BuildContext, base: CheckpointRef, candidate: CheckpointRef, finetuned: list[FinetuneResult] | None,
+    data: PreparedInputs,
 ) -> EvalReport:
     config = ctx.recipe.evaluation
     pretrain = ctx.recipe.stages.pretrain
@@ -28,17 +31,36 @@ def evaluate(
         for name, ref in corpora.items():
             log_dataset(client, run_id, ref, context=f"eval/{name}")
         metrics = compare_perplexity(
-            base,
-            candidate,
-            corpora,
-            objective=objective,
-            block_size=config.block_size,
-            max_blocks=config.max_blocks,
-            batch_size=config.batch_size,
-            pseudo_tokens=config.pseudo_perplexity_tokens,
-            cache_dir=ctx.cache_dir,
-            seed=ctx.recipe.seed,
-        )
+            base, candidate, corpora, objective=objective, block_size=config.block_size,
+            max_blocks=config.max_blocks, batch_size=config.batch_size, pseudo_tokens=config.pseudo_perplexity_tokens,
+            cache_dir=ctx.cache_dir, seed=ctx.recipe.seed,
+        ) if corpora else {}
+        if finetuned:
+            metrics |= _task_metrics(ctx, finetuned, data, client, run_id)
         metrics_logger(client, run_id)(0, metrics)
-        metrics_logger(client, ctx.build_run_id)(0, metrics)
+        metrics_logger(client, ctx.build_run_id)(0, {k: v for k, v in metrics.items() if "/" not in k})
         return EvalReport(metrics=metrics, passed=True)
+
+
+def _task_metrics(ctx: BuildContext, finetuned: list[FinetuneResult], data: PreparedInputs, client,
+                  run_id: str) -> dict[str, float]:
+    """Every seed's checkpoint on the test set, the OOD sets and the noisy test sample; `seed<k>/<metric>`
+    per seed, `eval.<metric>_mean` / `_std` over seeds."""
+    config, finetune = ctx.recipe.evaluation, ctx.recipe.stages.finetune
+    splits = data.tasks[finetune.task]
+    if splits.test is None:
+        client.set_tag(run_id, "adaptflow.evaluate.note", f"task {finetune.task!r} has no test split: no task metrics")
+        return {}
+    ood = {}
+    for name in config.ood_tasks:
+        other = data.tasks[name]
+        ood[name] = [other.test] if other.test is not None else [r for r in (other.train, other.validation) if r]
+        for ref in ood[name]:
+            log_dataset(client, run_id, ref, context=f"ood/{name}")
+    per_seed = {
+        result.seed: task_suite(result.checkpoint, finetune, kind=splits.kind, labels=list(splits.labels),
+                                test=splits.test, ood=ood, robustness=config.robustness, seed=ctx.recipe.seed)
+        for result in finetuned
+    }
+    metrics = {f"seed{seed}/{name}": value for seed, scores in per_seed.items() for name, value in scores.items()}
+    return metrics | {f"eval.{name}": value for name, value in aggregate(per_seed).items()}

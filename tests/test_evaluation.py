@@ -1,4 +1,4 @@
-"""Evaluation suite pieces: seeded perturbations for robustness, pseudo-perplexity."""
+"""Evaluation suite pieces: seeded perturbations, pseudo-perplexity, the per-checkpoint task suite."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 
-from adaptflow.evaluate import pseudo_perplexity
-from adaptflow.labelled import read_conll, read_records
+from adaptflow.config import FinetuneConfig, RobustnessConfig, TaskDataConfig
+from adaptflow.errors import DataError
+from adaptflow.evaluate import pseudo_perplexity, task_suite
+from adaptflow.labelled import prepare_task, read_conll, read_records
 from adaptflow.objectives import build_objective
 from adaptflow.perturb import KINDS, perturb_records
+from adaptflow.stages.finetune import run_finetune
 from adaptflow.tokenize import pack_blocks, tokenize_corpus
 from tests.conftest import DATA_ROOT
 
@@ -72,3 +75,35 @@ def test_pseudo_perplexity_matches_a_hand_computed_value(tiny_bert, abstracts):
     assert any(int(t) in special for t in blocks.flatten()), "the blocks hold special tokens to skip"
     assert result["tokens"] == 30
     assert result["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+
+
+def test_task_suite_scores_the_test_set_ood_sets_and_noise_and_refuses_unknown_labels(tmp_path):
+    from tests.test_finetune import CHEMPROT_LABELS, tiny_base
+
+    chemprot = DATA_ROOT / "biomedical/chemprot"
+    task = prepare_task("chemprot", TaskDataConfig(
+        type="classification", train=str(chemprot / "train.jsonl"), test=str(chemprot / "test.jsonl"),
+        labels=CHEMPROT_LABELS, max_examples=160), out_dir=tmp_path / "data")
+    dev = prepare_task("dev", TaskDataConfig(type="classification", train=str(chemprot / "dev.jsonl"),
+                                             labels=CHEMPROT_LABELS, max_examples=80), out_dir=tmp_path / "data")
+    config = FinetuneConfig(task="chemprot", max_steps=4, batch_size=16, max_length=64, lr=3e-3)
+    result = run_finetune(config, task=task, base=tiny_base(tmp_path), work_dir=tmp_path / "stages", seed=1)
+
+    def suite(ood):
+        return task_suite(result.checkpoint, config, kind="classification", labels=CHEMPROT_LABELS, test=task.test,
+                          ood=ood, robustness=RobustnessConfig(max_examples=50), seed=3)
+
+    metrics = suite({"dev": [dev.train, dev.validation]})
+    assert metrics["test_macro_f1"] == pytest.approx(result.metrics["test_macro_f1"])
+    assert {"ood_dev_macro_f1", "ood_dev_accuracy", "test_ece"} <= set(metrics)
+    for kind in KINDS:
+        assert metrics[f"robust_{kind}_drop"] == pytest.approx(
+            metrics["robust_clean_macro_f1"] - metrics[f"robust_{kind}_macro_f1"])
+    assert metrics["robustness_drop_max"] == max(metrics[f"robust_{k}_drop"] for k in KINDS)
+    assert suite({"dev": [dev.train, dev.validation]}) == metrics  # seeded: the same numbers again
+
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "a review", "label": "POSITIVE"}\n' * 20)
+    stranger = prepare_task("other", TaskDataConfig(type="classification", train=str(other)), out_dir=tmp_path / "data")
+    with pytest.raises(DataError, match="labels the model does not know: \\['POSITIVE'\\]"):
+        suite({"other": [stranger.train]})

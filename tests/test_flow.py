@@ -89,6 +89,16 @@ def test_tiny_build_end_to_end_is_tracked_with_lineage(tmp_path, tiny_overrides)
     assert metrics["domain_perplexity_after"] < metrics["domain_perplexity_before"]
     assert {"general_perplexity_before", "general_perplexity_after", "general_perplexity_change_pct"} <= set(metrics)
 
+    evaluation = client.get_run(summary["stages"]["evaluate"]["run_id"]).data.metrics
+    for seed in (1, 2):  # the evaluation scores every seed's checkpoint, the same test set as its stage
+        assert evaluation[f"seed{seed}/test_macro_f1"] == pytest.approx(
+            client.get_run(summary["stages"][f"finetune-seed{seed}"]["run_id"]).data.metrics["test_macro_f1"])
+        for kind in ("typos", "casing", "punctuation", "word_dropout"):
+            assert evaluation[f"seed{seed}/robust_{kind}_drop"] == pytest.approx(
+                evaluation[f"seed{seed}/robust_clean_macro_f1"] - evaluation[f"seed{seed}/robust_{kind}_macro_f1"])
+    assert metrics["eval.test_macro_f1_mean"] == pytest.approx(metrics["finetune.test_macro_f1_mean"])
+    assert {"eval.robustness_drop_max_mean", "eval.test_ece_mean", "eval.robust_typos_drop_std"} <= set(metrics)
+
 
 def test_build_reads_corpora_from_s3(tmp_path, tiny_overrides, s3_env, s3_client):
     bucket = s3_env

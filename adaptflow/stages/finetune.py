@@ -329,17 +329,22 @@ def score(model, objective, items, kind, labels, *, batch_size: int, device, wit
     return scores, (classification_report(gold, predicted, labels) if with_report else None)
 
 
-def _objective(kind: str, tokenizer, labels: list[str], config: FinetuneConfig, train_items: list[dict]):
+def eval_objective(kind: str, tokenizer, labels: list[str]):
+    """The task's objective without training-only settings (class weights): for scoring a model."""
     pad = tokenizer.pad_token_id
     if kind == "sft":
         return InstructionSFT(pad)
     if kind == "ner":
         return TokenClassification(pad, labels)
-    weights = None
-    if config.class_weights == "balanced":
-        counts = Counter(item["label"] for item in train_items)
-        weights = torch.tensor([len(train_items) / (len(labels) * max(1, counts[i])) for i in range(len(labels))])
-    return SequenceClassification(pad, class_weights=weights)
+    return SequenceClassification(pad)
+
+
+def _objective(kind: str, tokenizer, labels: list[str], config: FinetuneConfig, train_items: list[dict]):
+    if kind != "classification" or config.class_weights != "balanced":
+        return eval_objective(kind, tokenizer, labels)
+    counts = Counter(item["label"] for item in train_items)
+    weights = torch.tensor([len(train_items) / (len(labels) * max(1, counts[i])) for i in range(len(labels))])
+    return SequenceClassification(tokenizer.pad_token_id, class_weights=weights)
 
 
 def _balanced_weights(items: list[dict]) -> torch.Tensor:
