@@ -270,7 +270,18 @@ class RobustnessConfig(Section):
     perturbations: list[Literal["typos", "casing", "punctuation", "word_dropout"]] = Field(
         default_factory=lambda: ["typos", "casing", "punctuation", "word_dropout"], min_length=1)
     rate: Annotated[float, Field(gt=0, le=1)] = 0.1  # fraction of words perturbed
-    max_examples: PositiveInt = 1000  # a seeded sample of the test set (clean and noisy share it)
+    max_examples: PositiveInt = 500  # a seeded sample of the test set (clean and noisy share it)
+
+
+class GatesConfig(Section):
+    """Thresholds a build must meet to be promoted; unset gates are not checked. `metric` defaults to the
+    task's primary metric (macro-F1 for classification, entity F1 for NER)."""
+
+    metric: str | None = None
+    min_task_metric: float | None = None  # test-set metric, mean over seeds, at least this
+    max_general_perplexity_rise_pct: float | None = None  # general-text (pseudo-)perplexity rise, at most this
+    general_corpus: str = "general"  # which evaluation corpus is "general text"
+    max_robustness_drop: float | None = None  # worst metric drop under the robustness perturbations
 
 
 class EvaluationConfig(Section):
@@ -288,6 +299,17 @@ class EvaluationConfig(Section):
     # same type and labels; their test split, else all of their data), and robustness to noise.
     ood_tasks: list[str] = Field(default_factory=list)
     robustness: RobustnessConfig | None = RobustnessConfig()
+    gates: GatesConfig = GatesConfig()
+
+    @model_validator(mode="after")
+    def _gates_are_measured(self) -> EvaluationConfig:
+        gates = self.gates
+        if gates.max_general_perplexity_rise_pct is not None and gates.general_corpus not in self.corpora:
+            raise ValueError(f"gates.max_general_perplexity_rise_pct reads corpus {gates.general_corpus!r}, which "
+                             f"is not evaluated: add it to evaluation.corpora or set gates.general_corpus")
+        if gates.max_robustness_drop is not None and self.robustness is None:
+            raise ValueError("gates.max_robustness_drop needs evaluation.robustness (it is null)")
+        return self
 
 
 class TrackingConfig(Section):

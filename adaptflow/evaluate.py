@@ -153,12 +153,14 @@ def task_suite(
     metric: str | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    score_test: bool = True,
 ) -> dict[str, float]:
     """Scores of one fine-tuned checkpoint: `test_*` on its task's test set, `ood_<name>_*` on each labelled
     out-of-distribution set, and, with a `RobustnessConfig`, `robust_<kind>_<metric>` and `robust_<kind>_drop`
     (clean minus noisy, on one seeded sample of the test set) for each perturbation, `robustness_drop_max`
     the worst. `config` is the fine-tuning config (max_length, prompt template); `ood` maps names to the
-    DatasetRefs whose records together form that set.
+    DatasetRefs whose records together form that set. `score_test=False` skips the full test set (when the
+    fine-tuning stage already scored it); the robustness sample is still drawn from it.
     """
     import random
 
@@ -186,7 +188,7 @@ def task_suite(
         return score(model, objective, items, kind, labels, batch_size=batch_size, device=device)[0]
 
     test_records = load_records(test)
-    metrics = {f"test_{k}": v for k, v in scores(test_records, "the test set").items()}
+    metrics = {f"test_{k}": v for k, v in scores(test_records, "the test set").items()} if score_test else {}
     for name, refs in (ood or {}).items():
         records = [record for ref in refs for record in load_records(ref)]
         metrics |= {f"ood_{name}_{k}": v for k, v in scores(records, f"OOD set {name!r}").items()}

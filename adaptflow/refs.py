@@ -34,7 +34,8 @@ class CheckpointRef:
 @dataclass(frozen=True)
 class EvalReport:
     metrics: dict[str, float] = field(default_factory=dict)
-    passed: bool = True
+    passed: bool = True  # every promotion gate passed (true when none is configured)
+    gates: tuple[dict, ...] = ()  # each gate's name, value, threshold, verdict and reason
 
     def to_dict(self) -> dict:
         return asdict(self)

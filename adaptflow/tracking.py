@@ -150,6 +150,8 @@ def build_summary(client, build_run_id: str) -> dict:
                if "adaptflow.world_size" in run.data.tags else {}),
             **({"guard": run.data.tags["adaptflow.guard"], "guard_reason": run.data.tags.get("adaptflow.guard.reason")}
                if "adaptflow.guard" in run.data.tags else {}),
+            **({"gates": {k.removeprefix("adaptflow.gate."): v for k, v in sorted(run.data.tags.items())
+                          if k.startswith("adaptflow.gate.")}} if "adaptflow.gates" in run.data.tags else {}),
         }
         for run in children
     }
@@ -159,5 +161,6 @@ def build_summary(client, build_run_id: str) -> dict:
         "domain": parent.data.tags.get("adaptflow.domain"),
         "status": parent.info.status,
         "metrics": dict(parent.data.metrics),
+        "gates": parent.data.tags.get("adaptflow.gates"),
         "stages": stages,
     }

@@ -135,6 +135,10 @@ def _print_summary(summary: dict) -> None:
     for name, stage in summary["stages"].items():
         if "guard" in stage:
             out.print(f"negative-transfer guard on {name}: {stage['guard']} — {stage['guard_reason']}")
+        for gate, verdict in stage.get("gates", {}).items():
+            out.print(f"gate {gate}: {verdict}")
+    if summary.get("gates") not in (None, "none"):
+        out.print(f"promotion gates: {summary['gates']}")
     metrics = summary["metrics"]
     task_metrics = sorted(k.removeprefix("finetune.test_").removesuffix("_mean")
                           for k in metrics if k.startswith("finetune.test_") and k.endswith("_mean"))

@@ -6,7 +6,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adaptflow.evaluate import aggregate, compare_perplexity, task_suite
+from adaptflow.evaluate import aggregate, compare_perplexity, primary_metric, task_suite
+from adaptflow.gates import check_gates
 from adaptflow.models import infer_objective
 from adaptflow.refs import CheckpointRef, EvalReport
 from adaptflow.stages.finetune import FinetuneResult
@@ -37,9 +38,23 @@ def evaluate(
         ) if corpora else {}
         if finetuned:
             metrics |= _task_metrics(ctx, finetuned, data, client, run_id)
+        finetune = ctx.recipe.stages.finetune
+        kind = data.tasks[finetune.task].kind if finetune is not None and finetune.enabled else "classification"
+        gates = check_gates(config.gates, metrics, metric=config.gates.metric or primary_metric(kind))
+        passed = all(g.passed for g in gates)
+        for g in gates:
+            metrics |= {f"gate.{g.name}.threshold": g.threshold, f"gate.{g.name}.passed": float(g.passed)}
+            if g.value is not None:
+                metrics[f"gate.{g.name}.value"] = g.value
         metrics_logger(client, run_id)(0, metrics)
         metrics_logger(client, ctx.build_run_id)(0, {k: v for k, v in metrics.items() if "/" not in k})
-        return EvalReport(metrics=metrics, passed=True)
+        client.log_dict(run_id, {"passed": passed, "gates": [g.to_dict() for g in gates]}, "gates.json")
+        verdict = "none" if not gates else "passed" if passed else "failed"
+        for target in (run_id, ctx.build_run_id):
+            client.set_tag(target, "adaptflow.gates", verdict)
+        for g in gates:
+            client.set_tag(run_id, f"adaptflow.gate.{g.name}", f"{'pass' if g.passed else 'FAIL'}: {g.reason}")
+        return EvalReport(metrics=metrics, passed=passed, gates=tuple(g.to_dict() for g in gates))
 
 
 def _task_metrics(ctx: BuildContext, finetuned: list[FinetuneResult], data: PreparedInputs, client,
@@ -57,9 +72,10 @@ def _task_metrics(ctx: BuildContext, finetuned: list[FinetuneResult], data: Prep
         ood[name] = [other.test] if other.test is not None else [r for r in (other.train, other.validation) if r]
         for ref in ood[name]:
             log_dataset(client, run_id, ref, context=f"ood/{name}")
-    per_seed = {
-        result.seed: task_suite(result.checkpoint, finetune, kind=splits.kind, labels=list(splits.labels),
-                                test=splits.test, ood=ood, robustness=config.robustness, seed=ctx.recipe.seed)
+    per_seed = {  # the fine-tuning stage scored each seed on the test set already
+        result.seed: {k: v for k, v in result.metrics.items() if k.startswith("test_")} | task_suite(
+            result.checkpoint, finetune, kind=splits.kind, labels=list(splits.labels), test=splits.test, ood=ood,
+            robustness=config.robustness, seed=ctx.recipe.seed, score_test=False)
         for result in finetuned
     }
     metrics = {f"seed{seed}/{name}": value for seed, scores in per_seed.items() for name, value in scores.items()}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adaptflow.config import FinetuneConfig, RobustnessConfig, TaskDataConfig
+from adaptflow.config import FinetuneConfig, RobustnessConfig, TaskDataConfig, load_recipe
 from adaptflow.errors import DataError
 from adaptflow.evaluate import pseudo_perplexity, task_suite
 from adaptflow.labelled import prepare_task, read_conll, read_records
@@ -15,7 +15,7 @@ from adaptflow.objectives import build_objective
 from adaptflow.perturb import KINDS, perturb_records
 from adaptflow.stages.finetune import run_finetune
 from adaptflow.tokenize import pack_blocks, tokenize_corpus
-from tests.conftest import DATA_ROOT
+from tests.conftest import DATA_ROOT, DOMAINS
 
 CHEMPROT = DATA_ROOT / "biomedical/chemprot/test.jsonl"
 NCBI = DATA_ROOT / "biomedical/ncbi_disease_ner/test.txt"
@@ -107,3 +107,31 @@ def test_task_suite_scores_the_test_set_ood_sets_and_noise_and_refuses_unknown_l
     stranger = prepare_task("other", TaskDataConfig(type="classification", train=str(other)), out_dir=tmp_path / "data")
     with pytest.raises(DataError, match="labels the model does not know: \\['POSITIVE'\\]"):
         suite({"other": [stranger.train]})
+
+
+def test_gates_pass_fail_and_fail_when_their_number_was_not_measured():
+    from adaptflow.config import GatesConfig
+    from adaptflow.gates import check_gates
+
+    metrics = {"eval.test_macro_f1_mean": 0.42, "general_perplexity_change_pct": 12.0,
+               "eval.robustness_drop_max_mean": 0.08}
+    gates = {g.name: g for g in check_gates(GatesConfig(min_task_metric=0.40, max_general_perplexity_rise_pct=10,
+                                                        max_robustness_drop=0.1), metrics, metric="macro_f1")}
+    assert gates["min_task_metric"].passed and gates["min_task_metric"].value == 0.42
+    assert not gates["max_general_perplexity_rise_pct"].passed
+    assert gates["max_general_perplexity_rise_pct"].reason == "general-text perplexity change % 12.0000 > 10"
+    assert gates["max_robustness_drop"].passed
+    unmeasured = check_gates(GatesConfig(min_task_metric=0.4), {}, metric="entity_f1")
+    assert [(g.passed, g.value) for g in unmeasured] == [(False, None)]
+    assert "eval.test_entity_f1_mean missing" in unmeasured[0].reason
+    assert check_gates(GatesConfig(), metrics, metric="macro_f1") == []
+
+
+def test_a_gate_on_a_number_that_is_never_measured_is_a_recipe_error():
+    from adaptflow.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="reads corpus 'general', which is not evaluated"):
+        load_recipe(DOMAINS / "tiny.yaml", ["evaluation.corpora=[domain]",
+                                            "evaluation.gates.max_general_perplexity_rise_pct=10"])
+    with pytest.raises(RecipeError, match="max_robustness_drop needs evaluation.robustness"):
+        load_recipe(DOMAINS / "tiny.yaml", ["evaluation.robustness=null", "evaluation.gates.max_robustness_drop=0.1"])

@@ -31,7 +31,8 @@ def run_build(tmp_path, overrides, *extra):
 
 
 def test_tiny_build_end_to_end_is_tracked_with_lineage(tmp_path, tiny_overrides):
-    summary, client = run_build(tmp_path, tiny_overrides)
+    gates = ["evaluation.gates.min_task_metric=0.0", "evaluation.gates.max_robustness_drop=-1"]  # 2nd can't pass
+    summary, client = run_build(tmp_path, tiny_overrides + gates)
 
     assert summary["domain"] == "tiny" and summary["status"] == "FINISHED"
     assert list(summary["stages"]) == ["prepare", "pretrain", "finetune-seed1", "finetune-seed2", "evaluate"]
@@ -90,14 +91,21 @@ def test_tiny_build_end_to_end_is_tracked_with_lineage(tmp_path, tiny_overrides)
     assert {"general_perplexity_before", "general_perplexity_after", "general_perplexity_change_pct"} <= set(metrics)
 
     evaluation = client.get_run(summary["stages"]["evaluate"]["run_id"]).data.metrics
-    for seed in (1, 2):  # the evaluation scores every seed's checkpoint, the same test set as its stage
-        assert evaluation[f"seed{seed}/test_macro_f1"] == pytest.approx(
-            client.get_run(summary["stages"][f"finetune-seed{seed}"]["run_id"]).data.metrics["test_macro_f1"])
+    for seed in (1, 2):  # every seed's checkpoint is evaluated
         for kind in ("typos", "casing", "punctuation", "word_dropout"):
             assert evaluation[f"seed{seed}/robust_{kind}_drop"] == pytest.approx(
                 evaluation[f"seed{seed}/robust_clean_macro_f1"] - evaluation[f"seed{seed}/robust_{kind}_macro_f1"])
     assert metrics["eval.test_macro_f1_mean"] == pytest.approx(metrics["finetune.test_macro_f1_mean"])
     assert {"eval.robustness_drop_max_mean", "eval.test_ece_mean", "eval.robust_typos_drop_std"} <= set(metrics)
+
+    # A failed gate is recorded with its numbers; the build itself still finishes.
+    evaluate_run = summary["stages"]["evaluate"]["run_id"]
+    assert parent.data.tags["adaptflow.gates"] == "failed" == client.get_run(evaluate_run).data.tags["adaptflow.gates"]
+    verdicts = json.loads(open(client.download_artifacts(evaluate_run, "gates.json")).read())
+    assert [(g["name"], g["passed"]) for g in verdicts["gates"]] == [("min_task_metric", True),
+                                                                      ("max_robustness_drop", False)]
+    assert metrics["gate.max_robustness_drop.value"] == metrics["eval.robustness_drop_max_mean"]
+    assert metrics["gate.max_robustness_drop.passed"] == 0.0 and metrics["gate.min_task_metric.passed"] == 1.0
 
 
 def test_build_reads_corpora_from_s3(tmp_path, tiny_overrides, s3_env, s3_client):

@@ -1,0 +1,51 @@
+"""Promotion gates: declared thresholds a build's evaluation must meet before its model may become champion.
+
+    check_gates(config, metrics, kind) -> [Gate(name, value, threshold, passed, reason), ...]
+
+A gate whose number was not measured (no test split, no general-text corpus evaluated, …) fails, with the
+reason: a gate that cannot be checked must not let a build through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from adaptflow.config import GatesConfig
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    value: float | None
+    threshold: float
+    passed: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_gates(config: GatesConfig, metrics: dict[str, float], *, metric: str) -> list[Gate]:
+    """Every configured gate against the build's metrics (`eval.*` over seeds, `<corpus>_perplexity_*`)."""
+    gates = []
+
+    def gate(name: str, key: str, threshold: float | None, *, at_least: bool, what: str) -> None:
+        if threshold is None:
+            return
+        value = metrics.get(key)
+        if value is None or not math.isfinite(value):
+            gates.append(Gate(name, None, threshold, False, f"{what} was not measured ({key} missing)"))
+            return
+        passed = value >= threshold if at_least else value <= threshold
+        relation = ("≥" if passed else "<") if at_least else ("≤" if passed else ">")
+        gates.append(Gate(name, value, threshold, passed, f"{what} {value:.4f} {relation} {threshold:g}"))
+
+    gate("min_task_metric", f"eval.test_{metric}_mean", config.min_task_metric, at_least=True,
+         what=f"test {metric} (mean over seeds)")
+    gate("max_general_perplexity_rise_pct", f"{config.general_corpus}_perplexity_change_pct",
+         config.max_general_perplexity_rise_pct, at_least=False,
+         what=f"{config.general_corpus}-text perplexity change %")
+    gate("max_robustness_drop", "eval.robustness_drop_max_mean", config.max_robustness_drop, at_least=False,
+         what=f"worst {metric} drop under noise")
+    return gates
