@@ -312,6 +312,14 @@ class EvaluationConfig(Section):
         return self
 
 
+class RegistryConfig(Section):
+    """The MLflow model registry: each finished build registers its final model as a new version with alias
+    `challenger` (the selected fine-tuning seed, else the adapted classifier, else the language model)."""
+
+    enabled: bool = True
+    model_name: str | None = None  # default adaptflow-<domain>
+
+
 class TrackingConfig(Section):
     """MLflow. Default: SQLite + a local artifact folder under the recipe's workdir."""
 
@@ -371,10 +379,15 @@ class Recipe(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or f"adaptflow-{self.domain}"
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.registry.model_name or f"adaptflow-{self.domain}"
 
     def digest(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -21,6 +21,7 @@ from tasks.evaluate import evaluate
 from tasks.finetune import finetune, select_seed
 from tasks.prepare import prepare_data, prepare_model
 from tasks.pretrain import pretrain
+from tasks.register import register
 
 
 def _run_name() -> str:
@@ -46,13 +47,16 @@ def build(
         base = prepare_model(ctx, data)
         language_model = pretrain(ctx, base, data) if "pretrain" in stages else base
         model = adapt(ctx, language_model, data) if "adapt" in stages else language_model
-        finetuned = None
+        finetuned, report, kind = None, None, None
         if "finetune" in stages:
             seeds = recipe.stages.finetune.seeds
             finetuned = finetune.map(unmapped(ctx), unmapped(model), unmapped(data), seed=seeds).result()
-            select_seed(ctx, finetuned)
+            model = select_seed(ctx, finetuned)
+            kind = data.tasks[recipe.stages.finetune.task].kind
         if recipe.evaluation.enabled:
-            evaluate(ctx, base, language_model, finetuned, data)
+            report = evaluate(ctx, base, language_model, finetuned, data)
+        if recipe.registry.enabled:
+            register(ctx, model, kind, report)
     return build_summary(ctx.tracking.client(), ctx.build_run_id)
 
 

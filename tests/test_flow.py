@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from transformers import AutoModelForMaskedLM
 from typer.testing import CliRunner
 
+from adaptflow.labelled import read_records
 from flows.cli import app
 from tests.conftest import DATA_ROOT, DOMAINS
 
@@ -106,6 +108,42 @@ def test_tiny_build_end_to_end_is_tracked_with_lineage(tmp_path, tiny_overrides)
                                                                       ("max_robustness_drop", False)]
     assert metrics["gate.max_robustness_drop.value"] == metrics["eval.robustness_drop_max_mean"]
     assert metrics["gate.max_robustness_drop.passed"] == 0.0 and metrics["gate.min_task_metric.passed"] == 1.0
+
+
+def test_a_build_registers_its_model_as_challenger_and_the_version_round_trips(tmp_path, tiny_overrides,
+                                                                              monkeypatch):
+    import mlflow.pyfunc
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    summary, client = run_build(tmp_path, tiny_overrides + ["evaluation.gates.min_task_metric=0.0"])
+    version = client.get_model_version_by_alias("adaptflow-tiny", "challenger")
+    assert int(version.version) == 1 and version.run_id == summary["build_run_id"]
+    assert client.get_run(summary["build_run_id"]).data.tags["adaptflow.registered_model"] == "adaptflow-tiny/1"
+    selected = int(summary["metrics"]["finetune.selected_seed"])
+    chosen = summary["stages"][f"finetune-seed{selected}"]
+    tags = version.tags
+    assert tags["adaptflow.build_run_id"] == summary["build_run_id"] and tags["adaptflow.gates"] == "passed"
+    assert [link.split(":")[0] for link in tags["adaptflow.stage_chain"].split(" → ")] == ["base", "pretrain",
+                                                                                          "finetune"]
+    assert set(json.loads(tags["adaptflow.datasets"])) == {"chemprot/train", "chemprot/validation", "chemprot/test"}
+    assert tags["adaptflow.gate.min_task_metric"].startswith("pass: test macro_f1")
+
+    # The registered version predicts what the build's checkpoint predicts, through pyfunc and plain transformers.
+    texts = [r["text"] for r in read_records(DATA_ROOT / "biomedical/chemprot/test.jsonl", fields=["text"],
+                                             max_rows=12)]
+    checkpoint = AutoModelForSequenceClassification.from_pretrained(chosen["checkpoint_uri"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(chosen["checkpoint_uri"])
+    with torch.no_grad():
+        ids = checkpoint(**tokenizer(texts, return_tensors="pt", padding=True, truncation=True)).logits.argmax(-1)
+    expected = [checkpoint.config.id2label[int(i)] for i in ids]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model("models:/adaptflow-tiny@challenger").predict(texts)
+    assert list(served["label"]) == expected
+    local = Path(client.download_artifacts(summary["build_run_id"], "model", str(tmp_path / "downloaded")))
+    plain = AutoModelForSequenceClassification.from_pretrained(local / "model")
+    assert plain.config.id2label == checkpoint.config.id2label
+    assert (local / "components" / "tokenizer" / "tokenizer.json").is_file()
+    assert "torchvision" not in (local / "requirements.txt").read_text()
 
 
 def test_build_reads_corpora_from_s3(tmp_path, tiny_overrides, s3_env, s3_client):

@@ -1,0 +1,30 @@
+"""Registration as a Prefect task: the build's final model becomes a new registry version, alias `challenger`."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from adaptflow.models import infer_objective
+from adaptflow.refs import CheckpointRef, EvalReport
+from adaptflow.registry import register_build, version_tags
+from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient
+
+
+@task(name="register", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def register(ctx: BuildContext, model: CheckpointRef, kind: str | None, report: EvalReport | None) -> str:
+    """Register `model` on the build run; return its version. `kind` is the fine-tuned task's; without one the
+    model is the adapted classifier, or (no adaptation, or the guard kept the input) the language model."""
+    if kind is None:
+        kind = "classification" if model.stage == "adapt" else infer_objective(model.uri)
+    gates = list(report.gates) if report is not None else []
+    passed = report.passed if report is not None else True
+    client = ctx.tracking.client()
+    version = register_build(
+        client, run_id=ctx.build_run_id, checkpoint=model, kind=kind,
+        model_name=ctx.recipe.registered_model_name,
+        tags=version_tags(model, build_run_id=ctx.build_run_id, gates=gates, passed=passed),
+    )
+    client.set_tag(ctx.build_run_id, "adaptflow.registered_model", f"{ctx.recipe.registered_model_name}/{version}")
+    return version
