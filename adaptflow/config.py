@@ -318,6 +318,7 @@ class RegistryConfig(Section):
 
     enabled: bool = True
     model_name: str | None = None  # default adaptflow-<domain>
+    auto_promote: bool = False  # move `champion` to the new version when its gates passed
 
 
 class TrackingConfig(Section):

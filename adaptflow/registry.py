@@ -1,6 +1,9 @@
-"""The MLflow model registry: every finished build registers its model as a new version with alias `challenger`.
+"""The MLflow model registry: every finished build registers its model as a new version with alias `challenger`;
+`promote` moves `champion` to it only when its gates passed (or when forced, with a reason); `rollback` moves
+`champion` back. Every decision is an audit run in the `adaptflow-registry-audit` experiment; nothing is deleted.
 
-    register_build(client, run_id=..., checkpoint=..., kind=..., model_name=..., gates=...) -> version
+    register_build(client, run_id=..., checkpoint=..., kind=..., model_name=..., tags=...) -> version
+    promote(client, model_name, version=None, force=False, reason=None) / rollback(client, model_name)
 
 The version is the MLflow transformers flavour (a pipeline: loadable with `mlflow.pyfunc.load_model` and
 `mlflow.transformers.load_model`; its `model/` and `components/tokenizer/` folders load with plain
@@ -10,11 +13,15 @@ the chain with its checkpoint digest, every dataset digest, and each promotion g
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+from adaptflow.errors import AdaptflowError, ConfigError
 from adaptflow.models import read_lineage
 from adaptflow.refs import CheckpointRef
 
@@ -82,3 +89,88 @@ def register_build(client, *, run_id: str, checkpoint: CheckpointRef, kind: str,
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     log.info("registered %s version %s (%s) as %s", model_name, version, task, CHALLENGER)
     return str(version)
+
+
+# ------------------------------------------------------------------------------------ promotion
+
+AUDIT_EXPERIMENT = "adaptflow-registry-audit"
+
+
+class PromotionRefused(AdaptflowError, RuntimeError):
+    """The champion alias was not moved (gates failed, nothing to roll back to, …); the reason is recorded."""
+
+
+def promote(client, model_name: str, *, version: str | None = None, force: bool = False, reason: str | None = None,
+            user: str | None = None) -> dict:
+    """Point `champion` at `version` (default: the `challenger`) when its gates passed, or when `force`d with a
+    `reason`. Every decision, refusals included, is an audit run; nothing is deleted. Returns the record."""
+    if force and not reason:
+        raise ConfigError("a forced promotion needs a reason (--reason TEXT): it is recorded with the move")
+    version = str(version or _alias_version(client, model_name, CHALLENGER) or "")
+    if not version:
+        raise PromotionRefused(f"{model_name} has no {CHALLENGER}: give --version, or run a build first")
+    tags = client.get_model_version(model_name, version).tags
+    verdict = tags.get("adaptflow.gates", "none")
+    previous = _alias_version(client, model_name, CHAMPION)
+    record = {"model": model_name, "version": version, "previous": previous, "gates": verdict, "forced": force,
+              "by": user or getpass.getuser()}
+    if verdict == "failed" and not force:
+        failed = [f"{k.removeprefix('adaptflow.gate.')} ({v.removeprefix('FAIL: ')})" for k, v in sorted(tags.items())
+                  if k.startswith("adaptflow.gate.") and v.startswith("FAIL")]
+        record |= {"action": "refused", "reason": "gates failed: " + "; ".join(failed)}
+        _audit(client, record)
+        raise PromotionRefused(f"{model_name} version {version} stays out of service: {record['reason']} "
+                               f"({CHAMPION} remains {previous or 'unset'}; --force --reason TEXT overrides)")
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    record |= {"action": "promote", "reason": reason or f"gates {verdict}"}
+    _audit(client, record)
+    return record
+
+
+def rollback(client, model_name: str, *, reason: str | None = None, user: str | None = None) -> dict:
+    """Return `champion` to the version it pointed at before the latest promotion still in effect."""
+    stack: list[str] = []
+    for entry in audit_trail(client, model_name):
+        if entry["action"] == "promote":
+            stack.append(entry["version"])
+        elif entry["action"] == "rollback" and stack:
+            stack.pop()
+    if len(stack) < 2:
+        raise PromotionRefused(f"{model_name}: no earlier {CHAMPION} to return to")
+    current, target = stack[-1], stack[-2]
+    client.set_registered_model_alias(model_name, CHAMPION, target)
+    record = {"model": model_name, "action": "rollback", "version": target, "previous": current, "forced": False,
+              "gates": client.get_model_version(model_name, target).tags.get("adaptflow.gates", "none"),
+              "reason": reason or "rollback", "by": user or getpass.getuser()}
+    _audit(client, record)
+    return record
+
+
+def audit_trail(client, model_name: str) -> list[dict]:
+    """Every promotion decision on `model_name`, oldest first."""
+    experiment = client.get_experiment_by_name(AUDIT_EXPERIMENT)
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`adaptflow.audit.model` = '{model_name}'",
+                              order_by=["attributes.start_time ASC"], max_results=50_000)
+    trail = [{k.removeprefix("adaptflow.audit."): v for k, v in run.data.tags.items()
+              if k.startswith("adaptflow.audit.")} | {"run_id": run.info.run_id} for run in runs]
+    return sorted(trail, key=lambda entry: int(entry["ns"]))
+
+
+def _audit(client, record: dict) -> None:
+    experiment = client.get_experiment_by_name(AUDIT_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(AUDIT_EXPERIMENT)
+    record |= {"at": datetime.now(UTC).isoformat(timespec="seconds"), "ns": time.time_ns()}  # ns orders the trail
+    run = client.create_run(experiment_id, run_name=f"{record['action']} {record['model']} v{record['version']}",
+                            tags={f"adaptflow.audit.{k}": str(v) for k, v in record.items() if v is not None})
+    client.set_terminated(run.info.run_id)
+
+
+def _alias_version(client, model_name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None

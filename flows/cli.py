@@ -4,6 +4,7 @@
     adaptflow build domains/biomedical.yaml [--set k=v ...] [--tracking-uri URI] [--summary-json PATH]
                                             [--max-steps N] [--max-examples N]
     adaptflow node WORKDIR --node-rank K     # nodes 1 … N-1 of a multi-node torchrun build
+    adaptflow promote MODEL [--version N] [--force --reason TEXT] [--rollback]
 """
 
 from __future__ import annotations
@@ -76,6 +77,35 @@ def build(
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary, indent=2))
         console.print(f"summary written to {summary_json}")
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. adaptflow-biomedical")],
+    version: Annotated[str | None, typer.Option(help="Version to promote (default: the challenger)")] = None,
+    force: Annotated[bool, typer.Option(help="Promote even though its gates failed (needs --reason)")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why; recorded with the move")] = None,
+    rollback: Annotated[bool, typer.Option(help="Return champion to the version before the latest promotion")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                          "else the default workdir's SQLite)")] = None,
+) -> None:
+    """Move the `champion` alias: to a version whose gates passed, or back. Every decision is audited."""
+    from mlflow import MlflowClient
+
+    from adaptflow import registry
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('adaptflow-runs').resolve()}/mlflow.db"
+    client = MlflowClient(uri)
+    try:
+        if rollback:
+            record = registry.rollback(client, model, reason=reason)
+        else:
+            record = registry.promote(client, model, version=version, force=force, reason=reason)
+    except AdaptflowError as err:
+        typer.echo(f"not promoted: {err}", err=True)
+        raise typer.Exit(1) from None
+    console.print(f"{model}: champion → version {record['version']} (was {record['previous'] or 'unset'}; "
+                  f"{record['reason']})")
 
 
 @app.command()

@@ -7,7 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from adaptflow.models import infer_objective
 from adaptflow.refs import CheckpointRef, EvalReport
-from adaptflow.registry import register_build, version_tags
+from adaptflow.registry import PromotionRefused, promote, register_build, version_tags
 from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient
 
 
@@ -26,5 +26,12 @@ def register(ctx: BuildContext, model: CheckpointRef, kind: str | None, report: 
         model_name=ctx.recipe.registered_model_name,
         tags=version_tags(model, build_run_id=ctx.build_run_id, gates=gates, passed=passed),
     )
-    client.set_tag(ctx.build_run_id, "adaptflow.registered_model", f"{ctx.recipe.registered_model_name}/{version}")
+    name = ctx.recipe.registered_model_name
+    client.set_tag(ctx.build_run_id, "adaptflow.registered_model", f"{name}/{version}")
+    if ctx.recipe.registry.auto_promote:
+        try:
+            decision = promote(client, name, version=version, reason="auto-promotion: gates passed", user="adaptflow")
+        except PromotionRefused as refused:  # recorded in the audit trail; the build itself succeeded
+            decision = {"action": "refused", "reason": str(refused)}
+        client.set_tag(ctx.build_run_id, "adaptflow.promotion", f"{decision['action']}: {decision['reason']}")
     return version

@@ -115,8 +115,10 @@ def test_a_build_registers_its_model_as_challenger_and_the_version_round_trips(t
     import mlflow.pyfunc
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    summary, client = run_build(tmp_path, tiny_overrides + ["evaluation.gates.min_task_metric=0.0"])
+    promoting = ["registry.auto_promote=true", "evaluation.gates.min_task_metric=0.0"]
+    summary, client = run_build(tmp_path, tiny_overrides + promoting)
     version = client.get_model_version_by_alias("adaptflow-tiny", "challenger")
+    assert int(client.get_model_version_by_alias("adaptflow-tiny", "champion").version) == 1  # gates passed
     assert int(version.version) == 1 and version.run_id == summary["build_run_id"]
     assert client.get_run(summary["build_run_id"]).data.tags["adaptflow.registered_model"] == "adaptflow-tiny/1"
     selected = int(summary["metrics"]["finetune.selected_seed"])
@@ -144,6 +146,13 @@ def test_a_build_registers_its_model_as_challenger_and_the_version_round_trips(t
     assert plain.config.id2label == checkpoint.config.id2label
     assert (local / "components" / "tokenizer" / "tokenizer.json").is_file()
     assert "torchvision" not in (local / "requirements.txt").read_text()
+
+    # A second, worse build (a gate it cannot pass) becomes challenger but not champion.
+    worse, _ = run_build(tmp_path, tiny_overrides + promoting + ["evaluation.gates.max_robustness_drop=-1"])
+    assert int(client.get_model_version_by_alias("adaptflow-tiny", "challenger").version) == 2
+    assert int(client.get_model_version_by_alias("adaptflow-tiny", "champion").version) == 1
+    promotion = client.get_run(worse["build_run_id"]).data.tags["adaptflow.promotion"]
+    assert promotion.startswith("refused:") and "max_robustness_drop" in promotion
 
 
 def test_build_reads_corpora_from_s3(tmp_path, tiny_overrides, s3_env, s3_client):
