@@ -282,6 +282,9 @@ class GatesConfig(Section):
     max_general_perplexity_rise_pct: float | None = None  # general-text (pseudo-)perplexity rise, at most this
     general_corpus: str = "general"  # which evaluation corpus is "general text"
     max_robustness_drop: float | None = None  # worst metric drop under the robustness perturbations
+    # The registry's current champion is scored on this build's test set; the build must beat it by this much
+    # (the first build, with no champion yet, passes).
+    min_gain_over_champion: float | None = None
 
 
 class EvaluationConfig(Section):

@@ -48,4 +48,10 @@ def check_gates(config: GatesConfig, metrics: dict[str, float], *, metric: str) 
          what=f"{config.general_corpus}-text perplexity change %")
     gate("max_robustness_drop", "eval.robustness_drop_max_mean", config.max_robustness_drop, at_least=False,
          what=f"worst {metric} drop under noise")
+    if config.min_gain_over_champion is not None and "champion_version" not in metrics:
+        gates.append(Gate("min_gain_over_champion", None, config.min_gain_over_champion, True,
+                          "no champion yet: nothing to beat"))
+    else:
+        gate("min_gain_over_champion", "champion_gain", config.min_gain_over_champion, at_least=True,
+             what=f"test {metric} gain over champion v{int(metrics.get('champion_version', 0))}")
     return gates

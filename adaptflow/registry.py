@@ -13,9 +13,11 @@ the chain with its checkpoint digest, every dataset digest, and each promotion g
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
+import shutil
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -165,6 +167,23 @@ def _audit(client, record: dict) -> None:
     run = client.create_run(experiment_id, run_name=f"{record['action']} {record['model']} v{record['version']}",
                             tags={f"adaptflow.audit.{k}": str(v) for k, v in record.items() if v is not None})
     client.set_terminated(run.info.run_id)
+
+
+@contextlib.contextmanager
+def champion_checkpoint(client, model_name: str):
+    """(version, CheckpointRef of a temporary HF checkpoint) of the current champion, or None; the files are
+    removed when the block ends."""
+    version = _alias_version(client, model_name, CHAMPION)
+    if version is None:
+        yield None
+        return
+    run_id = client.get_model_version(model_name, version).run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, "model", tmp))
+        checkpoint = local / "model"
+        for file in (local / "components" / "tokenizer").iterdir():  # one folder, as save_pretrained writes it
+            shutil.copy2(file, checkpoint / file.name)
+        yield version, CheckpointRef(uri=str(checkpoint), digest="", stage="champion")
 
 
 def _alias_version(client, model_name: str, alias: str) -> str | None:

@@ -40,7 +40,10 @@ def evaluate(
             metrics |= _task_metrics(ctx, finetuned, data, client, run_id)
         finetune = ctx.recipe.stages.finetune
         kind = data.tasks[finetune.task].kind if finetune is not None and finetune.enabled else "classification"
-        gates = check_gates(config.gates, metrics, metric=config.gates.metric or primary_metric(kind))
+        metric = config.gates.metric or primary_metric(kind)
+        if config.gates.min_gain_over_champion is not None and finetuned:
+            metrics |= _against_champion(ctx, data, metric, metrics, client)
+        gates = check_gates(config.gates, metrics, metric=metric)
         passed = all(g.passed for g in gates)
         for g in gates:
             metrics |= {f"gate.{g.name}.threshold": g.threshold, f"gate.{g.name}.passed": float(g.passed)}
@@ -80,3 +83,28 @@ def _task_metrics(ctx: BuildContext, finetuned: list[FinetuneResult], data: Prep
     }
     metrics = {f"seed{seed}/{name}": value for seed, scores in per_seed.items() for name, value in scores.items()}
     return metrics | {f"eval.{name}": value for name, value in aggregate(per_seed).items()}
+
+
+def _against_champion(ctx: BuildContext, data: PreparedInputs, metric: str, metrics: dict, client) -> dict:
+    """The registry's champion scored on this build's test set: `champion_test_<metric>`, `champion_gain`
+    (this build's mean minus the champion's) and `champion_version`; nothing when there is no champion."""
+    from adaptflow.errors import DataError
+    from adaptflow.registry import champion_checkpoint
+
+    finetune = ctx.recipe.stages.finetune
+    splits = data.tasks[finetune.task]
+    with champion_checkpoint(client, ctx.recipe.registered_model_name) as champion:
+        if champion is None or splits.test is None:
+            return {}
+        version, checkpoint = champion
+        try:
+            scores = task_suite(checkpoint, finetune, kind=splits.kind, labels=list(splits.labels), test=splits.test)
+        except DataError as err:  # another label set: not comparable, so the gate cannot pass
+            client.set_tag(ctx.build_run_id, "adaptflow.champion.note", str(err)[:5000])
+            return {"champion_version": float(version)}
+    ours = metrics.get(f"eval.test_{metric}_mean")
+    champion_score = scores[f"test_{metric}"]
+    out = {"champion_version": float(version), f"champion_test_{metric}": champion_score}
+    if ours is not None:
+        out["champion_gain"] = ours - champion_score
+    return out

@@ -125,6 +125,11 @@ def test_gates_pass_fail_and_fail_when_their_number_was_not_measured():
     assert [(g.passed, g.value) for g in unmeasured] == [(False, None)]
     assert "eval.test_entity_f1_mean missing" in unmeasured[0].reason
     assert check_gates(GatesConfig(), metrics, metric="macro_f1") == []
+    first = check_gates(GatesConfig(min_gain_over_champion=0.01), metrics, metric="macro_f1")
+    assert first[0].passed and first[0].reason == "no champion yet: nothing to beat"
+    beaten = check_gates(GatesConfig(min_gain_over_champion=0.01), metrics | {"champion_version": 3.0,
+                                                                             "champion_gain": 0.004}, metric="macro_f1")
+    assert not beaten[0].passed and beaten[0].reason == "test macro_f1 gain over champion v3 0.0040 < 0.01"
 
 
 def test_a_gate_on_a_number_that_is_never_measured_is_a_recipe_error():

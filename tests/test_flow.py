@@ -147,12 +147,17 @@ def test_a_build_registers_its_model_as_challenger_and_the_version_round_trips(t
     assert (local / "components" / "tokenizer" / "tokenizer.json").is_file()
     assert "torchvision" not in (local / "requirements.txt").read_text()
 
-    # A second, worse build (a gate it cannot pass) becomes challenger but not champion.
-    worse, _ = run_build(tmp_path, tiny_overrides + promoting + ["evaluation.gates.max_robustness_drop=-1"])
+    # A second build that does not beat the champion on the same test set by δ = 0.01 (it is the same model:
+    # every stage is reused) becomes challenger but not champion.
+    again, _ = run_build(tmp_path, tiny_overrides + promoting + ["evaluation.gates.min_gain_over_champion=0.01"])
     assert int(client.get_model_version_by_alias("adaptflow-tiny", "challenger").version) == 2
     assert int(client.get_model_version_by_alias("adaptflow-tiny", "champion").version) == 1
-    promotion = client.get_run(worse["build_run_id"]).data.tags["adaptflow.promotion"]
-    assert promotion.startswith("refused:") and "max_robustness_drop" in promotion
+    metrics = again["metrics"]
+    assert metrics["champion_version"] == 1
+    assert metrics["champion_test_macro_f1"] == pytest.approx(summary["metrics"]["eval.test_macro_f1_mean"])
+    assert metrics["gate.min_gain_over_champion.value"] == pytest.approx(0.0, abs=1e-9)
+    promotion = client.get_run(again["build_run_id"]).data.tags["adaptflow.promotion"]
+    assert promotion.startswith("refused:") and "min_gain_over_champion" in promotion
 
 
 def test_build_reads_corpora_from_s3(tmp_path, tiny_overrides, s3_env, s3_client):
