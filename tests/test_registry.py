@@ -93,3 +93,16 @@ def test_the_promote_command(registry):
     assert forced.exit_code == 0 and champion(client) == "2"
     back = runner.invoke(app, ["promote", MODEL, "--tracking-uri", uri, "--rollback"])
     assert back.exit_code == 0 and champion(client) == "1", back.output
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_promote_flow_applies_the_same_rules(registry):
+    from flows.promote import promote as promote_flow
+
+    client, add, uri = registry
+    add("passed")
+    assert promote_flow(MODEL, uri)["version"] == "1" and champion(client) == "1"
+    add("failed", min_task_metric="FAIL: 0.2 < 0.4")
+    with pytest.raises(PromotionRefused):
+        promote_flow(MODEL, uri)
+    assert champion(client) == "1" and audit_trail(client, MODEL)[-1]["by"] == "prefect"
