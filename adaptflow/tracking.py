@@ -162,5 +162,7 @@ def build_summary(client, build_run_id: str) -> dict:
         "status": parent.info.status,
         "metrics": dict(parent.data.metrics),
         "gates": parent.data.tags.get("adaptflow.gates"),
+        "registered_model": parent.data.tags.get("adaptflow.registered_model"),
+        "promotion": parent.data.tags.get("adaptflow.promotion"),
         "stages": stages,
     }

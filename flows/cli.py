@@ -169,6 +169,10 @@ def _print_summary(summary: dict) -> None:
             out.print(f"gate {gate}: {verdict}")
     if summary.get("gates") not in (None, "none"):
         out.print(f"promotion gates: {summary['gates']}")
+    if summary.get("registered_model"):
+        name, version = summary["registered_model"].rsplit("/", 1)
+        out.print(f"registered {name} version {version} as challenger"
+                  + (f"; promotion {summary['promotion']}" if summary.get("promotion") else ""))
     metrics = summary["metrics"]
     task_metrics = sorted(k.removeprefix("finetune.test_").removesuffix("_mean")
                           for k in metrics if k.startswith("finetune.test_") and k.endswith("_mean"))
@@ -191,7 +195,7 @@ def _print_summary(summary: dict) -> None:
         for name in evaluated:
             table.add_row(name, f"{metrics[f'eval.{name}_mean']:.4f} ± {metrics[f'eval.{name}_std']:.4f}")
         out.print(table)
-    corpora = sorted({k.rsplit("_perplexity_", 1)[0] for k in metrics if "_perplexity_" in k})
+    corpora = sorted(m.group(1) for k in metrics if (m := re.fullmatch(r"(\w+)_perplexity_before", k)))
     if corpora:
         ppl = Table(title="knowledge preservation: held-out (pseudo-)perplexity")
         for column in ("corpus", "before", "after", "change"):

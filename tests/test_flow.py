@@ -33,7 +33,8 @@ def run_build(tmp_path, overrides, *extra):
 
 
 def test_tiny_build_end_to_end_is_tracked_with_lineage(tmp_path, tiny_overrides):
-    gates = ["evaluation.gates.min_task_metric=0.0", "evaluation.gates.max_robustness_drop=-1"]  # 2nd can't pass
+    gates = ["evaluation.gates.min_task_metric=0.0", "evaluation.gates.max_robustness_drop=-1",  # can't pass
+             "evaluation.gates.max_general_perplexity_rise_pct=1000"]
     summary, client = run_build(tmp_path, tiny_overrides + gates)
 
     assert summary["domain"] == "tiny" and summary["status"] == "FINISHED"
@@ -104,8 +105,8 @@ def test_tiny_build_end_to_end_is_tracked_with_lineage(tmp_path, tiny_overrides)
     evaluate_run = summary["stages"]["evaluate"]["run_id"]
     assert parent.data.tags["adaptflow.gates"] == "failed" == client.get_run(evaluate_run).data.tags["adaptflow.gates"]
     verdicts = json.loads(open(client.download_artifacts(evaluate_run, "gates.json")).read())
-    assert [(g["name"], g["passed"]) for g in verdicts["gates"]] == [("min_task_metric", True),
-                                                                      ("max_robustness_drop", False)]
+    assert [(g["name"], g["passed"]) for g in verdicts["gates"]] == [
+        ("min_task_metric", True), ("max_general_perplexity_rise_pct", True), ("max_robustness_drop", False)]
     assert metrics["gate.max_robustness_drop.value"] == metrics["eval.robustness_drop_max_mean"]
     assert metrics["gate.max_robustness_drop.passed"] == 0.0 and metrics["gate.min_task_metric.passed"] == 1.0
 
@@ -121,6 +122,7 @@ def test_a_build_registers_its_model_as_challenger_and_the_version_round_trips(t
     assert int(client.get_model_version_by_alias("adaptflow-tiny", "champion").version) == 1  # gates passed
     assert int(version.version) == 1 and version.run_id == summary["build_run_id"]
     assert client.get_run(summary["build_run_id"]).data.tags["adaptflow.registered_model"] == "adaptflow-tiny/1"
+    assert summary["registered_model"] == "adaptflow-tiny/1" and summary["promotion"].startswith("promote")
     selected = int(summary["metrics"]["finetune.selected_seed"])
     chosen = summary["stages"][f"finetune-seed{selected}"]
     tags = version.tags
