@@ -172,7 +172,7 @@ def _print_summary(summary: dict) -> None:
     if summary.get("registered_model"):
         name, version = summary["registered_model"].rsplit("/", 1)
         out.print(f"registered {name} version {version} as challenger"
-                  + (f"; promotion {summary['promotion']}" if summary.get("promotion") else ""))
+                  + (f"; {summary['promotion']}" if summary.get("promotion") else ""))
     metrics = summary["metrics"]
     task_metrics = sorted(k.removeprefix("finetune.test_").removesuffix("_mean")
                           for k in metrics if k.startswith("finetune.test_") and k.endswith("_mean"))

@@ -30,7 +30,7 @@ def register(ctx: BuildContext, model: CheckpointRef, kind: str | None, report: 
     client.set_tag(ctx.build_run_id, "adaptflow.registered_model", f"{name}/{version}")
     if ctx.recipe.registry.auto_promote:
         try:
-            decision = promote(client, name, version=version, reason="auto-promotion: gates passed", user="adaptflow")
+            decision = promote(client, name, version=version, reason="auto-promotion (gates passed)", user="adaptflow")
         except PromotionRefused as refused:  # recorded in the audit trail; the build itself succeeded
             decision = {"action": "refused", "reason": str(refused)}
         client.set_tag(ctx.build_run_id, "adaptflow.promotion", f"{decision['action']}: {decision['reason']}")
