@@ -208,7 +208,8 @@ def _run(command: list[str], env: dict[str, str], *, timeout: float) -> tuple[in
 # A rank that lost its peers (the collective's connection dropped) or that the launcher stopped with SIGTERM
 # after another rank died is a casualty, not the cause; torchrun's "first observed failure" can be such a rank
 # when the real cause (say a SIGKILL, which leaves no error file) is observed a moment later.
-_CASUALTY = re.compile(r"Connection (reset|closed) by peer|Broken pipe|Socket closed|SIGTERM")
+_CASUALTY = re.compile(r"Connection (reset|closed|refused)|by peer|Broken pipe|Socket closed|[Tt]imed? ?out|"
+                       r"pair closure|SIGTERM")
 
 
 def _reported_errors(errors: Path) -> tuple[str, list[str]] | None:
@@ -238,8 +239,15 @@ def _root_cause(output: str) -> tuple[str, int] | None:
     if not failures:
         return None
     causes = [f for f in failures if not _CASUALTY.search(f[2])]
+    # A rank killed from outside (SIGKILL: kill -9, the OOM killer) or crashed (SIGSEGV, SIGBUS) caused what
+    # followed, whatever its peers' transports then reported. (SIGABRT is left out: a rank whose collective
+    # throws in C++ aborts with it as a casualty.)
+    killed = [f for f in causes if -f[1] in (signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS)]
     torchrun_root = failures[-1]  # the summary lists the "first observed failure" last
-    local_rank, exitcode, _ = torchrun_root if torchrun_root in causes or not causes else causes[0]
+    if killed:
+        local_rank, exitcode, _ = torchrun_root if torchrun_root in killed else killed[0]
+    else:
+        local_rank, exitcode, _ = torchrun_root if torchrun_root in causes or not causes else causes[0]
     return local_rank, exitcode
 
 

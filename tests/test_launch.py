@@ -162,6 +162,15 @@ def test_a_rank_that_lost_its_peers_is_not_named_as_the_cause(tmp_path):
     })
     assert "local_rank: 0" in str(summary).rsplit("Root Cause", 1)[1]  # torchrun's pick: the casualty
     assert _root_cause(str(summary)) == ("1", -9)
+    # Whatever error the peer's transport reports, a rank killed by a signal it was not sent by the launcher
+    # is the cause.
+    error_file.write_text(json.dumps({"message": {"message": "RuntimeError: [gloo] unexpected EOF in recv",
+                                                  "extraInfo": {"timestamp": int(time.time()) - 5}}}))
+    summary = ChildFailedError("adaptflow.launch", {
+        0: ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file=str(error_file)),
+        1: ProcessFailure(local_rank=1, pid=101, exitcode=-9, error_file=str(tmp_path / "none.json")),
+    })
+    assert _root_cause(str(summary)) == ("1", -9)
     lone = ChildFailedError("adaptflow.launch", {
         0: ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file=str(tmp_path / "none.json"))})
     assert _root_cause(str(lone)) == ("0", 1)
