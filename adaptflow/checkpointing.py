@@ -51,8 +51,9 @@ def mark_complete(directory: Path, step: int, **extra) -> None:
             shutil.rmtree(older, ignore_errors=True)
 
 
-def saved_step(state: Path) -> int:
-    return int(json.loads((state / STATE_FILE).read_text())["step"])
+def read_state(state: Path) -> dict:
+    """What a complete save recorded: its step, and how it was written (optimizer state or DeepSpeed layout)."""
+    return json.loads((state / STATE_FILE).read_text())
 
 
 def mirror_state(state: Path, mirror: str) -> None:
@@ -73,7 +74,7 @@ def fetch_state(directory: Path, mirror: str) -> Path | None:
     if not complete:
         return None
     directory.mkdir(parents=True, exist_ok=True)
-    storage.download_directory(storage.join(mirror, complete[-1]), state_dir(directory, 0).with_name(complete[-1]))
+    storage.download_directory(storage.join(mirror, complete[-1]), directory / complete[-1])
     return latest_training_state(directory)
 
 
@@ -93,7 +94,7 @@ def load_training_state(state: Path, model, optimizer) -> int:
     from safetensors.torch import load_model
 
     load_model(model, state / "model.safetensors", strict=False)
-    meta = json.loads((state / STATE_FILE).read_text())
+    meta = read_state(state)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(state / "optimizer.safetensors"), meta["optimizer"]))
     return int(meta["step"])
 

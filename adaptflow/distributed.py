@@ -29,9 +29,9 @@ from typing import NoReturn
 import torch
 
 from adaptflow.checkpointing import (
-    STATE_FILE,
     load_training_state,
     mark_complete,
+    read_state,
     safetensors_checkpoint_engine,
     save_training_state,
     state_dir,
@@ -162,7 +162,7 @@ class TorchEngine:
         self.runtime.barrier()
 
     def load_state(self, state: Path) -> int:
-        if _saved_by(state).get("deepspeed"):
+        if read_state(state).get("deepspeed"):
             raise _format_changed(state, "under DeepSpeed", "without it")
         return load_training_state(state, self.module, self.optimizer)
 
@@ -183,7 +183,7 @@ class DeepSpeedEngine:
         if runtime.world_size == 1:
             for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
                 os.environ.setdefault(name, value)
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed(dist_backend="nccl" if runtime.device().type == "cuda" else "gloo")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.engine.checkpoint_engine = safetensors_checkpoint_engine()  # DeepSpeed's layout, no pickle
@@ -232,7 +232,7 @@ class DeepSpeedEngine:
         self.runtime.barrier()
 
     def load_state(self, state: Path) -> int:
-        saved = _saved_by(state)
+        saved = read_state(state)
         if not saved.get("deepspeed"):
             raise _format_changed(state, "without DeepSpeed", "under it")
         if (saved["world_size"], saved["zero_stage"]) != (self.runtime.world_size, self.zero_stage):
@@ -282,16 +282,13 @@ def resolve_deepspeed_config(config: dict | str | Path, *, micro_batch_size: int
     return config
 
 
-def _saved_by(state: Path) -> dict:
-    return json.loads((state / STATE_FILE).read_text())
-
-
 def _format_changed(state: Path, saved: str, now: str) -> ConfigError:
     return ConfigError(f"{state} was saved {saved} and this run is {now}; resume it as it was launched, "
                        "or delete that directory to start the stage over")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     import socket
 
     with socket.socket() as s:

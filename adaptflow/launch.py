@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from adaptflow.config import DistributedConfig
+from adaptflow.distributed import free_port
 from adaptflow.errors import AdaptflowError
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def deepspeed_command(distributed: DistributedConfig, spec_path: Path) -> list[s
     """The deepspeed launcher on this node, or over ssh on the hostfile's nodes (it starts them all)."""
     host, _, port = distributed.rdzv_endpoint.rpartition(":")
     if distributed.nnodes == 1 and distributed.hostfile is None:
-        host, port = "127.0.0.1", str(_free_port())
+        host, port = "127.0.0.1", str(free_port())
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", f"--num_nodes={distributed.nnodes}",
         f"--num_gpus={distributed.nproc_per_node}", f"--master_addr={host}", f"--master_port={port}",
@@ -157,12 +157,6 @@ def deepspeed_command(distributed: DistributedConfig, spec_path: Path) -> list[s
         if hosts <= {"localhost", "127.0.0.1"}:
             command += ["--no_ssh_check"]  # no ssh to reach this machine itself
     return command + ["--no_local_rank", "--module", "adaptflow.launch", str(spec_path)]  # LOCAL_RANK is in the env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_environment(distributed: DistributedConfig) -> dict[str, str]:
@@ -212,18 +206,25 @@ _CASUALTY = re.compile(r"Connection (reset|closed|refused)|by peer|Broken pipe|S
                        r"pair closure|SIGTERM")
 
 
+def _read_error_file(path: Path) -> tuple[str, int] | None:
+    """(message, timestamp) of an exception file written by torch's `record` (torchrun's error.json)."""
+    try:
+        message = json.loads(path.read_text())["message"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if isinstance(message, dict):
+        return str(message.get("message", "")), int(message.get("extraInfo", {}).get("timestamp", 0))
+    return str(message), 0
+
+
 def _reported_errors(errors: Path) -> tuple[str, list[str]] | None:
     """(rank, message lines) of the first exception a rank wrote to `errors/` (the deepspeed launcher has no
     failure summary of its own), preferring a rank that was not a casualty of another's failure."""
     reports = []
     for path in sorted(errors.glob("rank*.json")):
-        try:
-            message = json.loads(path.read_text())["message"]
-        except (OSError, ValueError, KeyError):
-            continue
-        text = str(message.get("message", "") if isinstance(message, dict) else message)
-        stamp = int(message.get("extraInfo", {}).get("timestamp", 0)) if isinstance(message, dict) else 0
-        reports.append((bool(_CASUALTY.search(text)), stamp, path.stem.removeprefix("rank"), text.splitlines()))
+        if (read := _read_error_file(path)) is not None:
+            text, stamp = read
+            reports.append((bool(_CASUALTY.search(text)), stamp, path.stem.removeprefix("rank"), text.splitlines()))
     if not reports:
         return None
     _, _, rank, lines = min(reports)
@@ -268,13 +269,8 @@ def _failure_message(stage: str, returncode: int, logs: Path, tail: list[str], e
     run_logs = sorted((p for p in logs.glob(f"*/attempt_*/{local_rank}")), key=lambda p: p.stat().st_mtime)
     lines: list[str] = []
     if run_logs:
-        error_file = run_logs[-1] / "error.json"
-        if error_file.is_file():
-            try:
-                message = json.loads(error_file.read_text())["message"]
-                lines = str(message.get("message", message) if isinstance(message, dict) else message).splitlines()
-            except (ValueError, KeyError):
-                lines = []
+        if reported := _read_error_file(run_logs[-1] / "error.json"):
+            lines = reported[0].splitlines()
         if not lines and (run_logs[-1] / "stderr.log").is_file():
             lines = (run_logs[-1] / "stderr.log").read_text(errors="replace").splitlines()
     detail = "\n".join(f"    {line}" for line in [line for line in lines if line.strip()][-12:]) or "    (no output)"

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from adaptflow.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ABSTRACTS = ROOT.parent / "shared/data/biomedical/unlabelled_ncbi_abstracts/abstracts.txt"
@@ -108,12 +109,6 @@ def worker(out: Path, zero: int | None, steps: int) -> None:
     }
     (out / f"rank{runtime.rank}.json").write_text(json.dumps(record))
     runtime.exit()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(ranks: int, zero: int | None, steps: int, out: Path) -> dict:

@@ -150,6 +150,20 @@ def _configure_prefect() -> None:
     logging.getLogger("adaptflow").setLevel(logging.INFO)
 
 
+def _print_mean_std(out: Console, metrics: dict, prefix: str, title: str, *, rows: str = r".+") -> None:
+    """A table of `<prefix><name>_mean ± _std` for every name matching `rows` (nothing when there is none)."""
+    names = sorted(m.group(1) for k in metrics if (m := re.fullmatch(re.escape(prefix) + r"(.+)_mean", k))
+                   and re.fullmatch(rows, m.group(1)))
+    if not names:
+        return
+    table = Table(title=title, min_width=56)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in names:
+        table.add_row(name, f"{metrics[f'{prefix}{name}_mean']:.4f} ± {metrics[f'{prefix}{name}_std']:.4f}")
+    out.print(table)
+
+
 def _print_summary(summary: dict) -> None:
     out = Console()
     table = Table(title=f"build {summary['build_run_id']} ({summary['domain']}): {summary['status']}")
@@ -174,27 +188,9 @@ def _print_summary(summary: dict) -> None:
         out.print(f"registered {name} version {version} as challenger"
                   + (f"; {summary['promotion']}" if summary.get("promotion") else ""))
     metrics = summary["metrics"]
-    task_metrics = sorted(k.removeprefix("finetune.test_").removesuffix("_mean")
-                          for k in metrics if k.startswith("finetune.test_") and k.endswith("_mean"))
-    if task_metrics:
-        seeds = sum(1 for name in summary["stages"] if name.startswith("finetune-seed"))
-        table = Table(title=f"task metrics (test set, mean ± std over {seeds} seed(s))", min_width=56)
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for name in task_metrics:
-            mean, std = metrics[f"finetune.test_{name}_mean"], metrics[f"finetune.test_{name}_std"]
-            table.add_row(name, f"{mean:.4f} ± {std:.4f}")
-        out.print(table)
-    evaluated = [k.removeprefix("eval.").removesuffix("_mean") for k in metrics if k.startswith("eval.")
-                 and k.endswith("_mean") and re.fullmatch(EVALUATION_ROWS, k.removeprefix("eval.")[:-5])]
-    if evaluated:
-        seeds = sum(1 for name in summary["stages"] if name.startswith("finetune-seed"))
-        table = Table(title=f"evaluation (mean ± std over {seeds} seed(s))", min_width=56)
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for name in evaluated:
-            table.add_row(name, f"{metrics[f'eval.{name}_mean']:.4f} ± {metrics[f'eval.{name}_std']:.4f}")
-        out.print(table)
+    seeds = sum(1 for name in summary["stages"] if name.startswith("finetune-seed"))
+    _print_mean_std(out, metrics, "finetune.test_", f"task metrics (test set, mean ± std over {seeds} seed(s))")
+    _print_mean_std(out, metrics, "eval.", f"evaluation (mean ± std over {seeds} seed(s))", rows=EVALUATION_ROWS)
     corpora = sorted(m.group(1) for k in metrics if (m := re.fullmatch(r"(\w+)_perplexity_before", k)))
     if corpora:
         ppl = Table(title="knowledge preservation: held-out (pseudo-)perplexity")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adaptflow.distributed import free_port
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(out: Path, *, ranks: int, accum: int = 1, zero_stage: int | None = None, steps: int = 4,

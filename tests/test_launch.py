@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from adaptflow.config import DistributedConfig, ModelConfig, PretrainConfig, TinyModelConfig
 from adaptflow.data import prepare_corpus
+from adaptflow.distributed import free_port
 from adaptflow.launch import StageFailed, _root_cause, join_launches, launch_stage
 from adaptflow.models import materialize_base_model
 from tasks import jsonable
@@ -70,12 +70,6 @@ def test_an_error_on_the_ranks_fails_the_stage_with_their_last_lines(inputs, tmp
     with pytest.raises(StageFailed, match=r"(?s)failed on (local )?rank \d.*missing"):
         launch_stage("pretrain", arguments(broken, tmp_path / "stages"), distributed=launcher,
                      job_dir=tmp_path / "job")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_nodes_rendezvous_on_loopback_node_1_started_by_its_agent(inputs, tmp_path):

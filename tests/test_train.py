@@ -95,7 +95,9 @@ def test_accumulation_equals_one_large_batch(abstracts, tiny_gpt2):
         torch.testing.assert_close(results[1][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_a_killed_stage_resumes_exactly_where_it_stopped(tmp_path, corpus):
+def crash_then_resume(tmp_path, corpus, *, first_dir, second_dir, after_crash=lambda: None, **kwargs):
+    """Pretrain 12 steps saving every 5, killed at step 8 in `first_dir`; `after_crash()`; rerun in `second_dir`.
+    Returns (the first step the rerun logged, its checkpoint, an uninterrupted run's checkpoint)."""
     base = base_model(tmp_path, corpus)
     reference, _ = pretrain(tmp_path / "uninterrupted", corpus, base, max_steps=12, save_every=5, eval_every=0,
                             log_every=1)
@@ -106,48 +108,49 @@ def test_a_killed_stage_resumes_exactly_where_it_stopped(tmp_path, corpus):
 
     config = PretrainConfig(block_size=32, batch_size=8, max_steps=12, lr=3e-3, log_every=1, save_every=5,
                             eval_every=0)
-    kwargs = dict(base=base, train_data=corpus.train, validation_data=corpus.validation,
-                  work_dir=tmp_path / "stages", cache_dir=tmp_path / "cache", seed=0)
+    kwargs |= dict(base=base, train_data=corpus.train, validation_data=corpus.validation,
+                   cache_dir=tmp_path / "cache", seed=0)
     with pytest.raises(KeyboardInterrupt):
-        run_pretrain(config, log_metrics=crash, **kwargs)
-    assert not list((tmp_path / "stages").glob("pretrain-*/final")), "no final checkpoint after a crash"
+        run_pretrain(config, log_metrics=crash, work_dir=first_dir, **kwargs)
+    assert not list(first_dir.glob("pretrain-*/final")), "no final checkpoint after a crash"
+    after_crash()
     steps = []
-    resumed = run_pretrain(config, log_metrics=lambda step, m: "loss" in m and steps.append(step), **kwargs)
-    assert steps[0] == 6, "resumed after the last saved step (5), not from zero"
-    ours, theirs = load_file(f"{resumed.uri}/model.safetensors"), load_file(f"{reference.uri}/model.safetensors")
+    resumed = run_pretrain(config, log_metrics=lambda step, m: "loss" in m and steps.append(step),
+                           work_dir=second_dir, **kwargs)
+    return steps[0], resumed, reference
+
+
+def assert_same_weights(ours, theirs):
+    ours, theirs = load_file(f"{ours.uri}/model.safetensors"), load_file(f"{theirs.uri}/model.safetensors")
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_killed_stage_resumes_exactly_where_it_stopped(tmp_path, corpus):
+    stages = tmp_path / "stages"
+    first_step, resumed, reference = crash_then_resume(tmp_path, corpus, first_dir=stages, second_dir=stages)
+    assert first_step == 6, "resumed after the last saved step (5), not from zero"
+    assert_same_weights(resumed, reference)
+
+
 def test_a_stage_whose_machine_was_lost_resumes_from_its_s3_mirror(tmp_path, corpus, s3_env, s3_client):
     """Saves are copied to `checkpoint_mirror` (S3 here); a rerun with an empty local workdir fetches the
     latest one and ends with the weights of an unbroken run."""
-    base = base_model(tmp_path, corpus)
-    reference, _ = pretrain(tmp_path / "uninterrupted", corpus, base, max_steps=12, save_every=5, eval_every=0,
-                            log_every=1)
+    def mirrored() -> list[str]:
+        return [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_env)["Contents"] if not o["Key"].endswith("/")]
 
-    def crash(step, metrics):
-        if step == 8:
-            raise KeyboardInterrupt("killed")
+    def only_step_5_is_mirrored():
+        keys = mirrored()
+        assert {k.split("/")[2] for k in keys} == {"step-0000005"} and any(k.endswith("trainer_state.json")
+                                                                          for k in keys)
 
-    config = PretrainConfig(block_size=32, batch_size=8, max_steps=12, lr=3e-3, log_every=1, save_every=5,
-                            eval_every=0)
-    kwargs = dict(base=base, train_data=corpus.train, validation_data=corpus.validation, cache_dir=tmp_path / "cache",
-                  seed=0, checkpoint_mirror=f"s3://{s3_env}/resume")
-    with pytest.raises(KeyboardInterrupt):
-        run_pretrain(config, log_metrics=crash, work_dir=tmp_path / "machine-a", **kwargs)
-    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_env)["Contents"]]
-    assert {k.split("/")[2] for k in keys} == {"step-0000005"} and any(k.endswith("trainer_state.json") for k in keys)
-    steps = []
-    resumed = run_pretrain(config, log_metrics=lambda step, m: "loss" in m and steps.append(step),
-                           work_dir=tmp_path / "machine-b", **kwargs)
-    assert steps[0] == 6, "resumed after the mirrored save (step 5), not from zero"
-    ours, theirs = load_file(f"{resumed.uri}/model.safetensors"), load_file(f"{reference.uri}/model.safetensors")
-    for name in theirs:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
-    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_env)["Contents"] if not o["Key"].endswith("/")]
-    assert {k.split("/")[2] for k in keys} == {"step-0000010"}, "older saves are pruned on the mirror"
+    first_step, resumed, reference = crash_then_resume(
+        tmp_path, corpus, first_dir=tmp_path / "machine-a", second_dir=tmp_path / "machine-b",
+        after_crash=only_step_5_is_mirrored, checkpoint_mirror=f"s3://{s3_env}/resume")
+    assert first_step == 6, "resumed after the mirrored save (step 5), not from zero"
+    assert_same_weights(resumed, reference)
+    assert {k.split("/")[2] for k in mirrored()} == {"step-0000010"}, "older saves are pruned on the mirror"
 
 
 def test_head_warmup_trains_the_head_alone_first(abstracts, tiny_bert):

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,13 +250,10 @@ def _save_final(model, tokenizer, stage_dir: Path, lineage: dict, *, is_peft: bo
 
 def aggregate_seeds(results: list[FinetuneResult]) -> dict[str, float]:
     """`finetune.<metric>_mean` and `_std` (sample std; 0 for one seed) of every shared val/test metric."""
-    out = {}
-    shared = set.intersection(*(set(r.metrics) for r in results))
-    for name in sorted(k for k in shared if k.startswith(("val_", "test_"))):
-        values = [r.metrics[name] for r in results]
-        out[f"finetune.{name}_mean"] = statistics.fmean(values)
-        out[f"finetune.{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return out
+    from adaptflow.evaluate import aggregate
+
+    scores = {r.seed: {k: v for k, v in r.metrics.items() if k.startswith(("val_", "test_"))} for r in results}
+    return {f"finetune.{name}": value for name, value in aggregate(scores).items()}
 
 
 def choose_seed(results: list[FinetuneResult], select: str | int) -> FinetuneResult:
