@@ -164,5 +164,6 @@ def build_summary(client, build_run_id: str) -> dict:
         "gates": parent.data.tags.get("adaptflow.gates"),
         "registered_model": parent.data.tags.get("adaptflow.registered_model"),
         "promotion": parent.data.tags.get("adaptflow.promotion"),
+        "report": parent.data.tags.get("adaptflow.report"),
         "stages": stages,
     }

@@ -5,6 +5,7 @@
                                             [--max-steps N] [--max-examples N]
     adaptflow node WORKDIR --node-rank K     # nodes 1 … N-1 of a multi-node torchrun build
     adaptflow promote MODEL [--version N] [--force --reason TEXT] [--rollback]
+    adaptflow report RUN_ID [--out DIR]      # a build's HTML report, written locally
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from rich.table import Table
 
 from adaptflow.config import Recipe, load_recipe
 from adaptflow.errors import AdaptflowError, RecipeError
+from adaptflow.report import HEADLINE_METRICS
 
 app = typer.Typer(help="Build domain-specialised language models as tracked, multi-stage workflows.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console(stderr=True)
 
-# The evaluation rows the summary shows: task and OOD scores, calibration, robustness drops.
-EVALUATION_ROWS = r"(test|ood_\w+?)_(macro_f1|entity_f1|accuracy|ece)|robust_\w+_drop|robustness_drop_max"
 
+TrackingOption = Annotated[str | None, typer.Option(
+    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the default workdir's SQLite)")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: a.b.c=value")]
 
 
@@ -86,16 +88,12 @@ def promote(
     force: Annotated[bool, typer.Option(help="Promote even though its gates failed (needs --reason)")] = False,
     reason: Annotated[str | None, typer.Option(help="Why; recorded with the move")] = None,
     rollback: Annotated[bool, typer.Option(help="Return champion to the version before the latest promotion")] = False,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                                                          "else the default workdir's SQLite)")] = None,
+    tracking_uri: TrackingOption = None,
 ) -> None:
     """Move the `champion` alias: to a version whose gates passed, or back. Every decision is audited."""
-    from mlflow import MlflowClient
-
     from adaptflow import registry
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('adaptflow-runs').resolve()}/mlflow.db"
-    client = MlflowClient(uri)
+    client = _tracking_client(tracking_uri)
     try:
         if rollback:
             record = registry.rollback(client, model, reason=reason)
@@ -106,6 +104,30 @@ def promote(
         raise typer.Exit(1) from None
     console.print(f"{model}: champion → version {record['version']} (was {record['previous'] or 'unset'}; "
                   f"{record['reason']})")
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="The build's MLflow run id (the summary's first line)")],
+    out: Annotated[Path, typer.Option(help="Folder for report.html and plots/")] = Path("adaptflow-report"),
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Write a build's HTML report (loss curves, metrics, gates, lineage) and its PNG plots locally."""
+    from mlflow.exceptions import MlflowException
+
+    from adaptflow.report import write_report
+
+    client = _tracking_client(tracking_uri)
+    try:
+        if client.get_run(run_id).data.tags.get("adaptflow.kind") != "build":
+            typer.echo(f"run {run_id} is not an adaptflow build run (tag adaptflow.kind=build); pass the build's "
+                       "run id, not a stage's", err=True)
+            raise typer.Exit(2)
+    except MlflowException as err:
+        typer.echo(f"no run {run_id} at {client.tracking_uri}: {err.message}", err=True)
+        raise typer.Exit(2) from None
+    path = write_report(client, run_id, out)
+    console.print(f"report written to {path}")
 
 
 @app.command()
@@ -124,6 +146,13 @@ def node(
 
 def main() -> None:
     app()
+
+
+def _tracking_client(tracking_uri: str | None):
+    from mlflow import MlflowClient
+
+    default = f"sqlite:///{Path('adaptflow-runs').resolve()}/mlflow.db"  # the recipes' default workdir
+    return MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default)
 
 
 def _load_or_exit(path: Path, overrides: list[str]) -> Recipe:
@@ -187,10 +216,12 @@ def _print_summary(summary: dict) -> None:
         name, version = summary["registered_model"].rsplit("/", 1)
         out.print(f"registered {name} version {version} as challenger"
                   + (f"; {summary['promotion']}" if summary.get("promotion") else ""))
+    if summary.get("report"):
+        out.print(f"report: {summary['report']}")
     metrics = summary["metrics"]
     seeds = sum(1 for name in summary["stages"] if name.startswith("finetune-seed"))
     _print_mean_std(out, metrics, "finetune.test_", f"task metrics (test set, mean ± std over {seeds} seed(s))")
-    _print_mean_std(out, metrics, "eval.", f"evaluation (mean ± std over {seeds} seed(s))", rows=EVALUATION_ROWS)
+    _print_mean_std(out, metrics, "eval.", f"evaluation (mean ± std over {seeds} seed(s))", rows=HEADLINE_METRICS)
     corpora = sorted(m.group(1) for k in metrics if (m := re.fullmatch(r"(\w+)_perplexity_before", k)))
     if corpora:
         ppl = Table(title="knowledge preservation: held-out (pseudo-)perplexity")

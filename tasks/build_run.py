@@ -1,14 +1,19 @@
-"""The build's MLflow parent run: opened before the first stage, closed with the build's real status."""
+"""The build's MLflow parent run: opened before the first stage; at the end it gets the build report
+(adaptflow.report) and is closed with the build's real status."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from adaptflow.config import Recipe
 from adaptflow.lineage import git_commit
+from adaptflow.report import publish_report
 from adaptflow.tracking import end_run, ensure_experiment, flatten, log_params, resolve_tracking, start_run
 from tasks import BuildContext
+
+log = logging.getLogger("adaptflow.build")  # under "adaptflow": shown in Prefect's run logs
 
 
 @contextmanager
@@ -38,7 +43,24 @@ def build_run(
     try:
         log_params(client, run_id, flatten(recipe.model_dump(mode="json")))
         yield BuildContext(recipe, tracking, experiment_id, run_id, progress)
-    except BaseException:
+    except Exception:
+        _publish_report(client, run_id, "FAILED")
         end_run(client, run_id, failed=True)
         raise
+    except BaseException:  # interrupted: close the run, no report
+        end_run(client, run_id, failed=True)
+        raise
+    _publish_report(client, run_id, "FINISHED")
     end_run(client, run_id)
+
+
+def _publish_report(client, run_id: str, status: str) -> None:
+    """The build's HTML report, for failed builds too. A report that cannot be written is a warning, not a
+    failed build: the model is already trained, evaluated and registered by then."""
+    try:
+        uri = publish_report(client, run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - reported, and recorded on the run
+        log.warning("build report for run %s not written: %s", run_id, err, exc_info=True)
+        client.set_tag(run_id, "adaptflow.report", f"not written: {err}"[:5000])
+    else:
+        log.info("build report: %s", uri)

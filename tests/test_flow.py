@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from adaptflow.labelled import read_records
 from flows.cli import app
+from tests.browser import render_in_chromium
 from tests.conftest import DATA_ROOT, DOMAINS
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -161,6 +162,27 @@ def test_a_build_registers_its_model_as_challenger_and_the_version_round_trips(t
     promotion = client.get_run(again["build_run_id"]).data.tags["adaptflow.promotion"]
     assert promotion.startswith("refused:") and "min_gain_over_champion" in promotion
 
+    # Each build logged its HTML report and plots; `adaptflow report` writes one locally, and a browser shows it.
+    for build in (summary, again):
+        assert build["report"].endswith("/report/report.html")
+        logged = {a.path for a in client.list_artifacts(build["build_run_id"], "report/plots")}
+        assert {"report/plots/loss-pretrain.png", "report/plots/perplexity.png"} <= logged
+    out = tmp_path / "report-out"
+    result = CliRunner().invoke(app, ["report", again["build_run_id"], "--out", str(out),
+                                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert result.exit_code == 0, result.output
+    page = render_in_chromium(out / "report.html", tmp_path)
+    assert list(page.sections) == ["summary", "stages", "loss-curves", "evaluation", "gates", "lineage"]
+    assert page.body["data-images-decoded"] == page.body["data-images-total"]
+    assert {"loss-pretrain", "loss-finetune-seed1", "loss-finetune-seed2", "perplexity"} <= set(page.images)
+    assert "adaptflow-tiny version 2 @challenger" in page.sections["summary"] and "refused:" in page.sections["summary"]
+    assert "min_gain_over_champion" in page.sections["gates"] and "FAIL" in page.sections["gates"]
+    assert f"adaptflow-tiny v2 {tags['adaptflow.checkpoint.digest']} @challenger" in page.sections["lineage"]
+    assert "chemprot/test" in page.sections["lineage"] and "finetune-seed" in page.sections["lineage"]
+    stage_run = summary["stages"]["pretrain"]["run_id"]
+    refused = CliRunner().invoke(app, ["report", stage_run, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert refused.exit_code == 2 and "not an adaptflow build run" in refused.output
+
 
 def test_build_reads_corpora_from_s3(tmp_path, tiny_overrides, s3_env, s3_client):
     bucket = s3_env
@@ -187,6 +209,10 @@ def test_a_failing_stage_fails_the_build_and_registers_its_status(tmp_path, tiny
     runs = client.search_runs([client.get_experiment_by_name("adaptflow-tiny").experiment_id])
     status = {r.info.run_name: r.info.status for r in runs}
     assert status["pretrain"] == "FAILED" and status["build-tiny"] == "FAILED"
+    build = next(r for r in runs if r.info.run_name == "build-tiny")  # a failed build has its report, too
+    assert build.data.tags["adaptflow.report"].endswith("/report/report.html")
+    with open(client.download_artifacts(build.info.run_id, "report/report.html", str(tmp_path))) as page:
+        assert "FAILED" in page.read()
     assert not list((tmp_path / "runs").glob("stages/pretrain-*/final"))
 
 
