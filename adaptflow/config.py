@@ -324,6 +324,25 @@ class RegistryConfig(Section):
     auto_promote: bool = False  # move `champion` to the new version when its gates passed
 
 
+class ScheduleConfig(Section):
+    """When a deployed recipe builds on its own (`adaptflow deploy`): a Prefect cron schedule."""
+
+    cron: str  # "0 2 * * *": every night at 02:00
+    timezone: str = "UTC"  # an IANA name, e.g. Europe/Berlin
+    active: bool = True
+
+    @model_validator(mode="after")
+    def _valid(self) -> ScheduleConfig:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=self.cron, timezone=self.timezone)
+        except ValueError as err:
+            reason = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+            raise ValueError(f"cron {self.cron!r} in timezone {self.timezone!r}: {reason}") from None
+        return self
+
+
 class TrackingConfig(Section):
     """MLflow. Default: SQLite + a local artifact folder under the recipe's workdir."""
 
@@ -384,6 +403,7 @@ class Recipe(Section):
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
     registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig | None = None  # deployed builds run on it (adaptflow deploy)
 
     @property
     def experiment_name(self) -> str:

@@ -294,6 +294,7 @@ def _pretrain(arguments: dict, runtime, log_metrics):
         build_run_id=arguments.get("build_run_id"), log_metrics=log_metrics,
         trust_remote_code=arguments.get("trust_remote_code", False), runtime=runtime,
         deepspeed=arguments.get("deepspeed"), checkpoint_mirror=arguments.get("checkpoint_mirror"),
+        resume=arguments.get("resume", True),
     )
     return checkpoint.to_dict()
 

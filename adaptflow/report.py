@@ -15,12 +15,11 @@ import base64
 import json
 import re
 import tempfile
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adaptflow.tracking import build_summary
+from adaptflow.tracking import build_summary, run_seconds
 
 REPORT_DIR = "report"
 # The evaluation's headline rows (here and in the CLI's summary): task and OOD scores, calibration, robustness.
@@ -66,7 +65,7 @@ def collect(client, build_run_id: str, *, status: str | None = None) -> BuildRec
     stages = [_stage_record(client, name, info["run_id"]) for name, info in summary["stages"].items()]
     evaluate = next((s for s in stages if s.name == "evaluate"), None)
     gates = _gates(evaluate) if evaluate else []
-    return BuildRecord(summary, dict(parent.data.tags), _seconds(parent.info), stages, gates,
+    return BuildRecord(summary, dict(parent.data.tags), run_seconds(parent.info), stages, gates,
                        _registered_version(client, summary.get("registered_model")))
 
 
@@ -96,9 +95,10 @@ def publish_report(client, build_run_id: str, *, status: str | None = None) -> s
 def _stage_record(client, name: str, run_id: str) -> StageRecord:
     run = client.get_run(run_id)
     curves = {}
+    trained_in = run.data.tags.get("adaptflow.reused_from", run_id)  # a reused stage: the curves of its origin
     for key in sorted(run.data.metrics):
         if _CURVE.fullmatch(key) and not key.startswith("test_"):
-            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            history = sorted((m.step, m.value) for m in client.get_metric_history(trained_in, key))
             if len(history) > 1:
                 curves[key] = history
     datasets = []
@@ -109,7 +109,7 @@ def _stage_record(client, name: str, run_id: str) -> StageRecord:
         datasets.append({"name": item.dataset.name, "digest": item.dataset.digest, "context": context,
                          "rows": profile.get("num_rows"), "source": profile.get("prepared_from")
                          or source.get("uri") or source.get("url") or source.get("path") or ""})
-    return StageRecord(name, run_id, run.info.status, _seconds(run.info), dict(run.data.metrics),
+    return StageRecord(name, run_id, run.info.status, run_seconds(run.info), dict(run.data.metrics),
                        dict(run.data.tags), curves, datasets)
 
 
@@ -135,13 +135,6 @@ def _gates(evaluate: StageRecord) -> list[dict]:
                       "threshold": evaluate.metrics.get(f"gate.{name}.threshold"), "passed": verdict == "pass",
                       "reason": reason})
     return gates
-
-
-def _seconds(info) -> float | None:
-    if info.start_time is None:
-        return None
-    end = info.end_time or int(time.time() * 1000)
-    return (end - info.start_time) / 1000
 
 
 # ---- plots ------------------------------------------------------------------------------------------------------
@@ -171,7 +164,9 @@ def draw_plots(record: BuildRecord, out_dir: Path) -> dict[str, Path]:
             steps, values = zip(*points, strict=True)
             training = _is_training_curve(key)
             ax.plot(steps, values, label=key, marker=None if training else "o", linewidth=1.4 if training else 1)
-        ax.set(title=f"{stage.name}: loss", xlabel="optimizer step", ylabel="loss")
+        reused = stage.tags.get("adaptflow.reused_from")
+        title = f"{stage.name}: loss" + (f" (reused from run {reused[:8]})" if reused else "")
+        ax.set(title=title, xlabel="optimizer step", ylabel="loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         save(f"loss-{stage.name}", fig)
@@ -226,7 +221,7 @@ def render(record: BuildRecord, plots: dict[str, Path]) -> str:
     env = Environment(loader=PackageLoader("adaptflow", "templates"), autoescape=select_autoescape(["html", "j2"]),
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _number
-    env.filters["duration"] = _duration
+    env.filters["duration"] = format_duration
     images = {name: "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() for name, path in
               plots.items()}
     metrics = record.metrics
@@ -318,7 +313,7 @@ def _number(value) -> str:
     return str(value)
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "—"
     minutes, secs = divmod(round(seconds), 60)

@@ -148,6 +148,8 @@ def build_summary(client, build_run_id: str) -> dict:
             **({"world_size": int(run.data.tags["adaptflow.world_size"]),
                 "zero_stage": int(z) if (z := run.data.tags.get("adaptflow.zero_stage")) else None}
                if "adaptflow.world_size" in run.data.tags else {}),
+            **({"reused_from": run.data.tags["adaptflow.reused_from"]} if "adaptflow.reused_from" in run.data.tags
+               else {}),
             **({"guard": run.data.tags["adaptflow.guard"], "guard_reason": run.data.tags.get("adaptflow.guard.reason")}
                if "adaptflow.guard" in run.data.tags else {}),
             **({"gates": {k.removeprefix("adaptflow.gate."): v for k, v in sorted(run.data.tags.items())
@@ -160,6 +162,8 @@ def build_summary(client, build_run_id: str) -> dict:
         "experiment_id": parent.info.experiment_id,
         "domain": parent.data.tags.get("adaptflow.domain"),
         "status": parent.info.status,
+        "trigger": parent.data.tags.get("adaptflow.trigger"),
+        "rerun_of": parent.data.tags.get("adaptflow.rerun_of"),
         "metrics": dict(parent.data.metrics),
         "gates": parent.data.tags.get("adaptflow.gates"),
         "registered_model": parent.data.tags.get("adaptflow.registered_model"),
@@ -167,3 +171,38 @@ def build_summary(client, build_run_id: str) -> dict:
         "report": parent.data.tags.get("adaptflow.report"),
         "stages": stages,
     }
+
+
+def run_seconds(info) -> float | None:
+    """A run's duration so far (to now while it is running)."""
+    if info.start_time is None:
+        return None
+    return ((info.end_time or int(time.time() * 1000)) - info.start_time) / 1000
+
+
+def recent_builds(client, *, domain: str | None = None, limit: int = 10) -> list[dict]:
+    """The newest build runs in every experiment (or one domain's), each with its stages' state, duration and
+    reuse: what `adaptflow status` shows."""
+    from datetime import datetime
+
+    where = "tags.`adaptflow.kind` = 'build'" + (f" and tags.`adaptflow.domain` = '{domain}'" if domain else "")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    builds = client.search_runs(experiments, filter_string=where, order_by=["attributes.start_time DESC"],
+                                max_results=limit)
+    out = []
+    for run in builds:
+        children = client.search_runs([run.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'",
+                                      order_by=["attributes.start_time ASC"])
+        tags = run.data.tags
+        out.append({
+            "build_run_id": run.info.run_id,
+            "domain": tags.get("adaptflow.domain"),
+            "started": datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+            "seconds": run_seconds(run.info),
+            "status": run.info.status,
+            "trigger": tags.get("adaptflow.trigger"),
+            "registered_model": tags.get("adaptflow.registered_model"),
+            "stages": [{"name": c.info.run_name, "status": c.info.status, "seconds": run_seconds(c.info),
+                        "reused_from": c.data.tags.get("adaptflow.reused_from")} for c in children],
+        })
+    return out

@@ -38,10 +38,17 @@ def build(
     max_examples: int | None = None,
     trigger: str = "manual",
     progress: bool = False,
+    reuse: bool = True,
+    recompute_from: str | None = None,
+    rerun_of: str | None = None,
 ) -> dict:
-    """Build one domain model from a recipe; return the build summary read back from MLflow."""
+    """Build one domain model from a recipe; return the build summary read back from MLflow.
+
+    Stages whose cache key matches an earlier finished run are reused, not recomputed (`reuse=False`: none;
+    `recompute_from="finetune"`: none from that stage on)."""
     recipe = load_recipe(recipe_path, overrides or []).capped(max_steps=max_steps, max_examples=max_examples)
-    with build_run(recipe, tracking_uri=tracking_uri, trigger=trigger, progress=progress) as ctx:
+    with build_run(recipe, tracking_uri=tracking_uri, trigger=trigger, progress=progress, reuse=reuse,
+                   recompute_from=recompute_from, rerun_of=rerun_of) as ctx:
         stages = recipe.enabled_stages()
         data = prepare_data(ctx)
         base = prepare_model(ctx, data)

@@ -6,6 +6,9 @@
     adaptflow node WORKDIR --node-rank K     # nodes 1 … N-1 of a multi-node torchrun build
     adaptflow promote MODEL [--version N] [--force --reason TEXT] [--rollback]
     adaptflow report RUN_ID [--out DIR]      # a build's HTML report, written locally
+    adaptflow rerun RUN_ID --from finetune [--set k=v ...]   # reuse the stages before, recompute from it
+    adaptflow status [--domain D]            # recent builds: stages, durations, reuse, registered version
+    adaptflow deploy domains/*.yaml --pool adaptflow         # Prefect deployments on each recipe's schedule
 """
 
 from __future__ import annotations
@@ -55,30 +58,91 @@ def build(
     max_steps: Annotated[int | None, typer.Option(min=1, help="Cap every stage's optimizer steps")] = None,
     max_examples: Annotated[int | None, typer.Option(min=1, help="Cap every dataset's size")] = None,
     progress: Annotated[bool, typer.Option(help="Show a training progress bar")] = True,
+    reuse: Annotated[bool, typer.Option(help="Reuse finished stages with the same cache key")] = True,
 ) -> None:
     """Run a recipe's build flow (Prefect) with MLflow tracking; print the summary."""
     loaded = _load_or_exit(recipe, overrides or [])
     loaded.capped(max_steps=max_steps, max_examples=max_examples)  # caps must leave a valid recipe, too
-    _configure_prefect()
-    from flows.build import build as build_flow
+    _run_build(summary_json, str(recipe), overrides=list(overrides or []), tracking_uri=tracking_uri,
+               max_steps=max_steps, max_examples=max_examples, progress=progress, reuse=reuse)
 
+
+@app.command()
+def rerun(
+    build_run_id: Annotated[str, typer.Argument(help="The build to rerun (its MLflow run id)")],
+    from_stage: Annotated[str, typer.Option("--from", help="Recompute from this stage on: pretrain | adapt | "
+                                                           "finetune | evaluate; earlier stages are reused")],
+    overrides: SetOption = None,
+    tracking_uri: TrackingOption = None,
+    summary_json: Annotated[Path | None, typer.Option(help="Write the build summary here as JSON")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a training progress bar")] = True,
+) -> None:
+    """Start a new build from an earlier build's recipe (plus --set changes), recomputing from one stage on."""
+    from adaptflow.reuse import rerun_recipe
+
+    client = _tracking_client(tracking_uri)
     try:
-        summary = build_flow(
-            str(recipe),
-            overrides=list(overrides or []),
-            tracking_uri=tracking_uri,
-            max_steps=max_steps,
-            max_examples=max_examples,
-            progress=progress,
-        )
+        path = rerun_recipe(client, build_run_id, from_stage)
     except AdaptflowError as err:
-        typer.echo(f"build failed: {err}", err=True)
-        raise typer.Exit(1) from None
-    _print_summary(summary)
-    if summary_json:
-        summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps(summary, indent=2))
-        console.print(f"summary written to {summary_json}")
+        typer.echo(f"cannot rerun: {err}", err=True)
+        raise typer.Exit(2) from None
+    _load_or_exit(path, overrides or [])
+    _run_build(summary_json, str(path), overrides=list(overrides or []), tracking_uri=client.tracking_uri,
+               progress=progress, trigger="rerun", recompute_from=from_stage, rerun_of=build_run_id)
+
+
+@app.command()
+def status(
+    domain: Annotated[str | None, typer.Option(help="Only this domain's builds")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many recent builds")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Recent builds, newest first: each stage's state, duration and reuse, and the registered version."""
+    from adaptflow.report import format_duration
+    from adaptflow.tracking import recent_builds
+
+    builds = recent_builds(_tracking_client(tracking_uri), domain=domain, limit=limit)
+    if as_json:
+        typer.echo(json.dumps(builds, indent=2))
+        return
+    if not builds:
+        console.print("no builds yet" + (f" for domain {domain}" if domain else ""))
+        return
+    table = Table(title="recent builds" + (f" ({domain})" if domain else ""))
+    for column in ("build run", "domain", "started", "trigger", "status", "stages", "registered"):
+        table.add_column(column, overflow="fold")
+    for build in builds:
+        stages = "\n".join(f"{s['name']}: {s['status'].lower()} {format_duration(s['seconds'])}"
+                           + (f" (reused {s['reused_from'][:8]})" if s.get("reused_from") else "")
+                           for s in build["stages"])
+        table.add_row(build["build_run_id"], build["domain"], build["started"], build["trigger"] or "",
+                      build["status"], stages, build["registered_model"] or "")
+    Console().print(table)
+
+
+@app.command()
+def deploy(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipes to deploy, e.g. domains/*.yaml")],
+    pool: Annotated[str, typer.Option(help="Prefect work pool (a process pool, created when missing)")] = "adaptflow",
+    overrides: SetOption = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI for the deployed builds "
+                                                           "(default: the worker's MLFLOW_TRACKING_URI)")] = None,
+) -> None:
+    """Create or update a Prefect deployment of the build flow per recipe, on the recipe's `schedule:`."""
+    from flows.deploy import deploy_recipes
+
+    for recipe in recipes:
+        _load_or_exit(recipe, overrides or [])
+    _configure_prefect()
+    try:
+        deployed = deploy_recipes(recipes, pool=pool, overrides=overrides, tracking_uri=tracking_uri)
+    except AdaptflowError as err:
+        typer.echo(f"not deployed: {err}", err=True)
+        raise typer.Exit(2) from None
+    for item in deployed:
+        console.print(f"deployment {item.name} ({item.deployment_id}) in pool {pool}; schedule: {item.schedule}")
+    console.print(f"start a worker: prefect worker start --pool {pool}")
 
 
 @app.command()
@@ -148,6 +212,22 @@ def main() -> None:
     app()
 
 
+def _run_build(summary_json: Path | None, recipe_path: str, **parameters) -> None:
+    _configure_prefect()
+    from flows.build import build as build_flow
+
+    try:
+        summary = build_flow(recipe_path, **parameters)
+    except AdaptflowError as err:
+        typer.echo(f"build failed: {err}", err=True)
+        raise typer.Exit(1) from None
+    _print_summary(summary)
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2))
+        console.print(f"summary written to {summary_json}")
+
+
 def _tracking_client(tracking_uri: str | None):
     from mlflow import MlflowClient
 
@@ -176,6 +256,7 @@ def _configure_prefect() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")
     # No telemetry: these machines are often offline, and its first write races the SQLite schema setup.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reuse and champion downloads: log lines
     logging.getLogger("adaptflow").setLevel(logging.INFO)
 
 
@@ -200,6 +281,8 @@ def _print_summary(summary: dict) -> None:
         table.add_column(column, overflow="fold")
     for name, stage in summary["stages"].items():
         status = stage["status"] + (f" ({stage['guard']})" if "guard" in stage else "")
+        if stage.get("reused_from"):
+            status = f"reused {stage['reused_from']}"
         layout = str(stage.get("world_size", ""))
         if stage.get("zero_stage") is not None:
             layout += f" · ZeRO-{stage['zero_stage']}"

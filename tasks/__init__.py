@@ -7,17 +7,22 @@ out-of-memory fails at once.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from adaptflow.config import Recipe
+from adaptflow.refs import CheckpointRef
+from adaptflow.reuse import STAGE_ORDER
 from adaptflow.storage import StorageUnavailable
 from adaptflow.tracking import TrackingTarget, end_run, flatten, log_params, start_run
 
 RETRIES = 2
 RETRY_DELAYS = [5, 30]
+
+log = logging.getLogger("adaptflow.reuse")
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,13 @@ class BuildContext:
     experiment_id: str
     build_run_id: str
     progress: bool = False
+    reuse: bool = True  # reuse finished stages with the same cache key
+    recompute_from: str | None = None  # …except this stage and those after it (a rerun's --from)
+
+    def may_reuse(self, stage: str) -> bool:
+        if not self.reuse:
+            return False
+        return self.recompute_from is None or STAGE_ORDER.index(stage) < STAGE_ORDER.index(self.recompute_from)
 
     @property
     def workdir(self) -> Path:
@@ -74,6 +86,49 @@ def run_or_launch(ctx: BuildContext, stage: str, run, config, arguments: dict, *
                           tracking={"uri": ctx.tracking.uri, "run_id": run_id})
     client.set_tag(run_id, "adaptflow.world_size", result.pop("world_size"))
     return from_json(result)
+
+
+def run_or_reuse(ctx: BuildContext, stage: str, run, config, arguments: dict, *, from_json, client, run_id: str,
+                 key: str, inputs: list[CheckpointRef]):
+    """The result of an earlier finished run with the same cache key when the build may reuse `stage`, else
+    `run_or_launch`'s (its result then recorded for later reuse). Returns `(result, prior)`; `prior` is the
+    reused run (a `PriorRun`) or None. A reused run is tagged `adaptflow.reused_from` and carries its metrics."""
+    from adaptflow.reuse import REUSED_FROM, find_reusable, localise, record_result
+    from adaptflow.tracking import metrics_logger
+
+    if ctx.may_reuse(stage) and (prior := find_reusable(client, ctx.experiment_id, key)) is not None:
+        try:
+            localised = localise(client, prior, ctx.workdir / "stages" / f"{stage}-{key}",
+                                 inputs=[ref.to_dict() for ref in inputs])
+        except (OSError, ValueError) as err:
+            log.warning("%s: run %s has the same cache key but cannot be reused (%s): computing it", stage,
+                        prior.run_id, err)
+        else:
+            log.info("%s: reusing run %s (cache key %s)", stage, prior.run_id, key)
+            client.set_tag(run_id, REUSED_FROM, prior.run_id)
+            metrics_logger(client, run_id)(0, prior.metrics)
+            return from_json(localised), prior
+    if stage == "pretrain":  # the only stage with resumable saves: a forced recompute starts from step 0
+        arguments = arguments | {"resume": ctx.may_reuse(stage)}
+    result = run_or_launch(ctx, stage, run, config, arguments, from_json=from_json, client=client, run_id=run_id,
+                           key=key)
+    record_result(client, run_id, jsonable(dataclasses.asdict(result)))
+    return result, None
+
+
+def log_checkpoint(client, run_id: str, directory: str, *, prior) -> str:
+    """Log a computed stage's checkpoint directory as the run's `checkpoint` artifact; return its URI. A reused
+    checkpoint is not uploaded again: its artifact is the earlier run's."""
+    from adaptflow.tracking import log_directory
+
+    return prior.artifact_uri if prior is not None else log_directory(client, run_id, directory, "checkpoint")
+
+
+def tag_checkpoint(client, run_id: str, checkpoint: CheckpointRef, artifact_uri: str) -> None:
+    """The checkpoint a stage passes on: where it is, its logged copy and its digest (reuse and lineage read these)."""
+    client.set_tag(run_id, "adaptflow.checkpoint.uri", checkpoint.uri)
+    client.set_tag(run_id, "adaptflow.checkpoint.artifact_uri", artifact_uri)
+    client.set_tag(run_id, "adaptflow.checkpoint.digest", checkpoint.digest)
 
 
 def is_transient(error: BaseException | None) -> bool:

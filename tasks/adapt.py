@@ -8,8 +8,17 @@ from prefect.cache_policies import NO_CACHE
 
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.adapt import STAGE, AdaptResult, adapt_cache_key, run_adapt
-from adaptflow.tracking import log_dataset, log_directory, metrics_logger
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, run_or_launch, stage_run
+from adaptflow.tracking import log_dataset, metrics_logger
+from tasks import (
+    RETRIES,
+    RETRY_DELAYS,
+    BuildContext,
+    log_checkpoint,
+    retry_transient,
+    run_or_reuse,
+    stage_run,
+    tag_checkpoint,
+)
 from tasks.prepare import PreparedInputs
 
 
@@ -37,16 +46,16 @@ def adapt(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> Check
             base=base, work_dir=ctx.workdir / "stages", seed=seed, mlflow_run_id=run_id,
             build_run_id=ctx.build_run_id,
         )
-        result = run_or_launch(ctx, STAGE, run_adapt, config, arguments, from_json=AdaptResult.from_dict,
-                               client=client, run_id=run_id, key=tags["adaptflow.cache_key"])
-        metrics_logger(client, run_id)(config.max_steps, result.metrics)
+        result, prior = run_or_reuse(ctx, STAGE, run_adapt, config, arguments, from_json=AdaptResult.from_dict,
+                                     client=client, run_id=run_id, key=tags["adaptflow.cache_key"], inputs=[base])
+        if prior is None:
+            metrics_logger(client, run_id)(config.max_steps, result.metrics)
         decision = "accepted" if result.accepted else "rejected"
         client.set_tag(run_id, "adaptflow.guard", decision)
         client.set_tag(run_id, "adaptflow.guard.reason", result.reason)
         client.set_tag(ctx.build_run_id, "adaptflow.adapt.guard", decision)
-        artifact_uri = log_directory(client, run_id, result.adapted.uri, "checkpoint")
-        client.set_tag(run_id, "adaptflow.checkpoint.uri", result.checkpoint.uri)
-        client.set_tag(run_id, "adaptflow.checkpoint.artifact_uri", artifact_uri if result.accepted else "")
-        client.set_tag(run_id, "adaptflow.checkpoint.digest", result.checkpoint.digest)
+        # The adapted model is logged either way (to inspect a rejection); it is the checkpoint only if accepted.
+        artifact_uri = log_checkpoint(client, run_id, result.adapted.uri, prior=prior)
+        tag_checkpoint(client, run_id, result.checkpoint, artifact_uri if result.accepted else "")
         client.set_tag(run_id, "adaptflow.adapted.uri", result.adapted.uri)
         return result.checkpoint

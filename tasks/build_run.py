@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from adaptflow.config import Recipe
 from adaptflow.lineage import git_commit
 from adaptflow.report import publish_report
+from adaptflow.reuse import RECIPE_ARTIFACT
 from adaptflow.tracking import end_run, ensure_experiment, flatten, log_params, resolve_tracking, start_run
 from tasks import BuildContext
 
@@ -18,7 +19,8 @@ log = logging.getLogger("adaptflow.build")  # under "adaptflow": shown in Prefec
 
 @contextmanager
 def build_run(
-    recipe: Recipe, *, tracking_uri: str | None, trigger: str, progress: bool = False
+    recipe: Recipe, *, tracking_uri: str | None, trigger: str, progress: bool = False, reuse: bool = True,
+    recompute_from: str | None = None, rerun_of: str | None = None,
 ) -> Iterator[BuildContext]:
     from prefect.context import get_run_context
 
@@ -26,6 +28,8 @@ def build_run(
     client = tracking.client()
     experiment_id = ensure_experiment(client, recipe.experiment_name, tracking.artifact_location)
     flow_run = getattr(get_run_context(), "flow_run", None)
+    if trigger == "deployment" and getattr(flow_run, "auto_scheduled", False):
+        trigger = "schedule"  # created by the deployment's schedule, not by a person
     run_id = start_run(
         client,
         experiment_id,
@@ -38,11 +42,17 @@ def build_run(
             "adaptflow.stages": ",".join(recipe.enabled_stages()),
             "git_commit": git_commit(),
             "prefect.flow_run_id": flow_run.id if flow_run else None,
+            "prefect.deployment_id": getattr(flow_run, "deployment_id", None),
+            "adaptflow.reuse": "off" if not reuse else f"until {recompute_from}" if recompute_from else "on",
+            "adaptflow.rerun_of": rerun_of,
         },
     )
     try:
-        log_params(client, run_id, flatten(recipe.model_dump(mode="json")))
-        yield BuildContext(recipe, tracking, experiment_id, run_id, progress)
+        resolved = recipe.model_dump(mode="json")
+        log_params(client, run_id, flatten(resolved))
+        client.log_dict(run_id, resolved, RECIPE_ARTIFACT)  # what `adaptflow rerun` starts from
+        yield BuildContext(recipe, tracking, experiment_id, run_id, progress, reuse=reuse,
+                           recompute_from=recompute_from)
     except Exception:
         _publish_report(client, run_id, "FAILED")
         end_run(client, run_id, failed=True)

@@ -14,8 +14,17 @@ from adaptflow.stages.finetune import (
     finetune_cache_key,
     run_finetune,
 )
-from adaptflow.tracking import log_dataset, log_directory, metrics_logger
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, run_or_launch, stage_run
+from adaptflow.tracking import log_dataset, metrics_logger
+from tasks import (
+    RETRIES,
+    RETRY_DELAYS,
+    BuildContext,
+    log_checkpoint,
+    retry_transient,
+    run_or_reuse,
+    stage_run,
+    tag_checkpoint,
+)
 from tasks.prepare import PreparedInputs
 
 
@@ -43,15 +52,14 @@ def finetune(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs, seed:
             task=splits, base=base, work_dir=ctx.workdir / "stages", seed=seed, fisher_data=fisher,
             mlflow_run_id=run_id, build_run_id=ctx.build_run_id, trust_remote_code=ctx.recipe.model.trust_remote_code,
         )
-        result = run_or_launch(ctx, STAGE, run_finetune, config, arguments, from_json=FinetuneResult.from_dict,
-                               client=client, run_id=run_id, key=tags["adaptflow.cache_key"])
-        metrics_logger(client, run_id)(int(result.metrics["steps"]), result.metrics)
-        for report in result.reports:
-            client.log_artifact(run_id, report, artifact_path="reports")
-        artifact_uri = log_directory(client, run_id, result.checkpoint.uri, "checkpoint")
-        client.set_tag(run_id, "adaptflow.checkpoint.uri", result.checkpoint.uri)
-        client.set_tag(run_id, "adaptflow.checkpoint.artifact_uri", artifact_uri)
-        client.set_tag(run_id, "adaptflow.checkpoint.digest", result.checkpoint.digest)
+        result, prior = run_or_reuse(ctx, STAGE, run_finetune, config, arguments, from_json=FinetuneResult.from_dict,
+                                     client=client, run_id=run_id, key=tags["adaptflow.cache_key"], inputs=[base])
+        if prior is None:
+            metrics_logger(client, run_id)(int(result.metrics["steps"]), result.metrics)
+            for report in result.reports:
+                client.log_artifact(run_id, report, artifact_path="reports")
+        tag_checkpoint(client, run_id, result.checkpoint, log_checkpoint(client, run_id, result.checkpoint.uri,
+                                                                         prior=prior))
         return result
 
 

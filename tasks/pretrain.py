@@ -7,8 +7,17 @@ from prefect.cache_policies import NO_CACHE
 
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.pretrain import STAGE, pretrain_cache_key, run_pretrain
-from adaptflow.tracking import log_dataset, log_directory
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, run_or_launch, stage_run
+from adaptflow.tracking import log_dataset
+from tasks import (
+    RETRIES,
+    RETRY_DELAYS,
+    BuildContext,
+    log_checkpoint,
+    retry_transient,
+    run_or_reuse,
+    stage_run,
+    tag_checkpoint,
+)
 from tasks.prepare import PreparedInputs
 
 
@@ -37,11 +46,10 @@ def pretrain(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> Ch
             mlflow_run_id=run_id, build_run_id=ctx.build_run_id, trust_remote_code=ctx.recipe.model.trust_remote_code,
             checkpoint_mirror=ctx.recipe.checkpoint_mirror,
         )
-        checkpoint = run_or_launch(ctx, STAGE, run_pretrain, config, arguments, from_json=lambda r: CheckpointRef(**r),
-                                   client=client, run_id=run_id, key=key)
-        artifact_uri = log_directory(client, run_id, checkpoint.uri, "checkpoint")
+        checkpoint, prior = run_or_reuse(ctx, STAGE, run_pretrain, config, arguments,
+                                         from_json=lambda r: CheckpointRef(**r), client=client, run_id=run_id, key=key,
+                                         inputs=[base])
+        artifact_uri = log_checkpoint(client, run_id, checkpoint.uri, prior=prior)
         client.log_artifact(run_id, f"{checkpoint.uri}/lineage.json")
-        client.set_tag(run_id, "adaptflow.checkpoint.uri", checkpoint.uri)
-        client.set_tag(run_id, "adaptflow.checkpoint.artifact_uri", artifact_uri)
-        client.set_tag(run_id, "adaptflow.checkpoint.digest", checkpoint.digest)
+        tag_checkpoint(client, run_id, checkpoint, artifact_uri)
         return checkpoint

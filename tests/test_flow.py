@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,54 @@ def test_a_build_launches_its_training_stages_on_two_ranks_under_torchrun(tmp_pa
         assert len(client.get_metric_history(run.info.run_id, "loss")) > 1  # rank 0 logged while training
         assert (Path(run.data.tags["adaptflow.checkpoint.uri"]) / "model.safetensors").is_file()
     assert "finetune.test_micro_f1_mean" in client.get_run(summary["build_run_id"]).data.metrics
+
+
+def test_unchanged_stages_are_reused_across_machines_and_rerun_recomputes_from_a_stage(tmp_path, tiny_overrides,
+                                                                                      s3_env):
+    """Build 1 with MLflow artifacts on S3; build 2 changes only the fine-tuning lr, from another workdir (as on
+    another machine): its pretraining is reused, downloaded from S3. Then a rerun from finetune and --no-reuse."""
+    tracking = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    s3 = [f"tracking.artifact_location=s3://{s3_env}/mlartifacts"]
+    first, client = run_build(tmp_path, tiny_overrides + s3)
+    assert not any("reused_from" in stage for stage in first["stages"].values())
+    pretrain = client.get_run(first["stages"]["pretrain"]["run_id"])
+    assert pretrain.info.artifact_uri.startswith(f"s3://{s3_env}/")
+
+    shutil.rmtree(tmp_path / "runs" / "stages")  # as on another machine: only MLflow (SQLite + S3) is shared
+    elsewhere = [o for o in tiny_overrides if not o.startswith("workdir=")] + [f"workdir={tmp_path / 'other'}"]
+    second, _ = run_build(tmp_path, elsewhere + s3 + ["stages.finetune.lr=0.001"])
+    assert second["stages"]["pretrain"]["reused_from"] == pretrain.info.run_id
+    assert not any("reused_from" in second["stages"][f"finetune-seed{s}"] for s in (1, 2))  # lr changed: recomputed
+    local = Path(second["stages"]["pretrain"]["checkpoint_uri"])
+    assert local.is_relative_to(tmp_path / "other") and (local / "model.safetensors").is_file()  # from S3
+    reused = client.get_run(second["stages"]["pretrain"]["run_id"])
+    assert reused.data.tags["adaptflow.checkpoint.digest"] == pretrain.data.tags["adaptflow.checkpoint.digest"]
+    assert reused.data.metrics["eval_perplexity"] == pretrain.data.metrics["eval_perplexity"]
+    assert second["stages"]["pretrain"]["metrics"] and second["stages"]["finetune-seed1"]["status"] == "FINISHED"
+
+    # A rerun of build 2 from finetune: pretraining reused, fine-tuning recomputed though its key is unchanged.
+    result = CliRunner().invoke(app, ["rerun", second["build_run_id"], "--from", "finetune", "--no-progress",
+                                      "--summary-json", str(tmp_path / "rerun.json"), *tracking])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rerun = json.loads((tmp_path / "rerun.json").read_text())
+    assert rerun["trigger"] == "rerun" and rerun["rerun_of"] == second["build_run_id"]
+    assert rerun["stages"]["pretrain"]["reused_from"] == pretrain.info.run_id and "reused" in result.output
+    for seed in (1, 2):
+        again, before = rerun["stages"][f"finetune-seed{seed}"], second["stages"][f"finetune-seed{seed}"]
+        assert "reused_from" not in again
+        assert client.get_run(again["run_id"]).data.tags["adaptflow.cache_key"] == \
+            client.get_run(before["run_id"]).data.tags["adaptflow.cache_key"]
+        assert again["metrics"]["test_macro_f1"] == before["metrics"]["test_macro_f1"]  # deterministic recompute
+
+    status = CliRunner().invoke(app, ["status", "--domain", "tiny", "--json", *tracking])
+    assert status.exit_code == 0, status.output
+    newest = json.loads(status.output)[0]
+    assert newest["build_run_id"] == rerun["build_run_id"] and newest["trigger"] == "rerun"
+    assert [s["name"] for s in newest["stages"]] == list(rerun["stages"])
+    assert newest["stages"][1]["reused_from"] == pretrain.info.run_id and newest["stages"][1]["status"] == "FINISHED"
+    assert CliRunner().invoke(app, ["status", *tracking]).exit_code == 0  # the table
+
+    forced, _ = run_build(tmp_path, tiny_overrides + s3, "--no-reuse")
+    assert not any("reused_from" in stage for stage in forced["stages"].values())
+    bad = CliRunner().invoke(app, ["rerun", second["build_run_id"], "--from", "adapt", *tracking])
+    assert bad.exit_code == 2 and "ran no such stage; choose pretrain | finetune | evaluate" in bad.output

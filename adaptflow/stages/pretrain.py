@@ -10,6 +10,7 @@ it learns anything, so `head_warmup_steps` trains the head alone on a frozen enc
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ def run_pretrain(
     runtime: Runtime = SINGLE,
     deepspeed: str | dict | None = None,
     checkpoint_mirror: str | None = None,
+    resume: bool = True,
 ) -> CheckpointRef:
     """Continue pretraining `base` on `train_data`; write `work_dir/pretrain-<key>/final` and return its ref.
 
@@ -62,7 +64,8 @@ def run_pretrain(
     same inputs (same cache key), replaying exactly the steps an uninterrupted run would have taken.
 
     With `checkpoint_mirror` (an `s3://` URI or a path) each periodic save is copied there too, and a run
-    that finds no local save resumes from the mirror's.
+    that finds no local save resumes from the mirror's. `resume=False` starts from step 0 and drops the local
+    saves (a forced recompute).
 
     Under a launcher every rank calls this; `deepspeed` (a DeepSpeed JSON config) runs the loop under ZeRO.
     Rank 0 alone logs and writes checkpoints.
@@ -119,10 +122,12 @@ def run_pretrain(
     start_step = 0
     states = stage_dir / "checkpoints"
     mirror = storage.join(checkpoint_mirror, stage_dir.name) if checkpoint_mirror else None
-    if mirror and runtime.is_main:
+    if not resume and runtime.is_main:
+        shutil.rmtree(states, ignore_errors=True)
+    elif mirror and runtime.is_main:
         fetch_state(states, mirror)
     runtime.barrier()
-    if (latest := latest_training_state(states)) is not None:
+    if resume and (latest := latest_training_state(states)) is not None:
         start_step = engine.load_state(latest)
         log.info("resuming %s from %s (step %d of %d)", STAGE, latest, start_step, config.max_steps)
 
