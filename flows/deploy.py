@@ -51,7 +51,7 @@ def deploy_recipes(paths: list[str | Path], *, pool: str, overrides: list[str] |
             description=recipe.description or f"adaptflow build of {path.name}",
             tags=["adaptflow", f"domain:{recipe.domain}"],
             version=recipe.digest(),
-            build=False, push=False, print_next_steps=False,
+            build=False, push=False, print_next_steps=False, ignore_warnings=True,
         )
         deployed.append(Deployed(f"build/{recipe.domain}", str(deployment_id),
                                  f"{schedule.cron} ({schedule.timezone})" if schedule else "none"))
