@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from adaptflow.tracking import TrackingTarget, end_run, flatten, log_params, sta
 RETRIES = 2
 RETRY_DELAYS = [5, 30]
 
+COMPUTE_SECONDS = "compute_seconds"  # a stage's own work (training, evaluation), without tracking and uploads
 log = logging.getLogger("adaptflow.reuse")
 
 
@@ -110,8 +112,10 @@ def run_or_reuse(ctx: BuildContext, stage: str, run, config, arguments: dict, *,
             return from_json(localised), prior
     if stage == "pretrain":  # the only stage with resumable saves: a forced recompute starts from step 0
         arguments = arguments | {"resume": ctx.may_reuse(stage)}
+    started = time.perf_counter()
     result = run_or_launch(ctx, stage, run, config, arguments, from_json=from_json, client=client, run_id=run_id,
                            key=key)
+    client.log_metric(run_id, COMPUTE_SECONDS, time.perf_counter() - started)
     record_result(client, run_id, jsonable(dataclasses.asdict(result)))
     return result, None
 
@@ -132,24 +136,35 @@ def tag_checkpoint(client, run_id: str, checkpoint: CheckpointRef, artifact_uri:
 
 
 def is_transient(error: BaseException | None) -> bool:
-    """Network-ish failures worth a retry; never config, data, or out-of-memory errors."""
-    if error is None or isinstance(error, MemoryError):
-        return False
-    transient: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, StorageUnavailable)
+    """Network-ish failures worth a retry — S3 or the tracking server unreachable, timing out or answering 5xx —
+    found anywhere in the error's cause chain; never a config, data or out-of-memory error."""
+    from mlflow.exceptions import RestException
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import Timeout as RequestsTimeout
+
+    from adaptflow.errors import AdaptflowError
+
+    transient: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, StorageUnavailable,
+                                                  RequestsConnectionError, RequestsTimeout)
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
 
         transient += (BotoConnectionError,)
     except ImportError:
         pass
-    if isinstance(error, transient):
-        return True
-    from mlflow.exceptions import RestException
-
-    return isinstance(error, RestException) and str(getattr(error, "error_code", "")) in {
-        "TEMPORARILY_UNAVAILABLE",
-        "INTERNAL_ERROR",
-    }
+    if error is None or isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        return False
+    if isinstance(error, AdaptflowError) and not isinstance(error, StorageUnavailable):
+        return False  # the user's to fix: retrying cannot help
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, transient):
+            return True
+        if isinstance(error, RestException) and str(error.error_code) in {"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR"}:
+            return True  # the tracking server answered 503 / 500
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -175,3 +190,13 @@ def stage_run(ctx: BuildContext, stage: str, *, params: dict, tags: dict | None 
         end_run(client, run_id, failed=True)
         raise
     end_run(client, run_id)
+
+
+def stage_task(name: str, **options):
+    """`@task` for a build step: retried only on transient errors (twice, after 5 s then 30 s); never cached by
+    Prefect, since adaptflow reuses finished stages itself, by cache key (`run_or_reuse`)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(name=name, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient,
+                cache_policy=NO_CACHE, **options)

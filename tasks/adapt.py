@@ -3,27 +3,21 @@ negative-transfer guard's decision recorded as tags and metrics."""
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.adapt import STAGE, AdaptResult, adapt_cache_key, run_adapt
 from adaptflow.tracking import log_dataset, metrics_logger
 from tasks import (
-    RETRIES,
-    RETRY_DELAYS,
     BuildContext,
     log_checkpoint,
-    retry_transient,
     run_or_reuse,
     stage_run,
+    stage_task,
     tag_checkpoint,
 )
 from tasks.prepare import PreparedInputs
 
 
-@task(name="adapt", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage_task("adapt")
 def adapt(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> CheckpointRef:
     """Run DANN; return the adapted checkpoint, or `base` itself when the guard rejects the stage."""
     config = ctx.recipe.stages.adapt

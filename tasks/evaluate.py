@@ -3,8 +3,7 @@ fine-tuned seed, the task's test set, out-of-distribution sets and robustness to
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+import time
 
 from adaptflow.evaluate import aggregate, compare_perplexity, primary_metric, task_suite
 from adaptflow.gates import check_gates
@@ -12,12 +11,11 @@ from adaptflow.models import infer_objective
 from adaptflow.refs import CheckpointRef, EvalReport
 from adaptflow.stages.finetune import FinetuneResult
 from adaptflow.tracking import log_dataset, metrics_logger
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+from tasks import COMPUTE_SECONDS, BuildContext, stage_run, stage_task
 from tasks.prepare import PreparedInputs
 
 
-@task(name="evaluate", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage_task("evaluate")
 def evaluate(
     ctx: BuildContext, base: CheckpointRef, candidate: CheckpointRef, finetuned: list[FinetuneResult] | None,
     data: PreparedInputs,
@@ -31,6 +29,7 @@ def evaluate(
     with stage_run(ctx, "evaluate", params=config.model_dump(mode="json"), tags=tags) as (client, run_id):
         for name, ref in corpora.items():
             log_dataset(client, run_id, ref, context=f"eval/{name}")
+        started = time.perf_counter()
         metrics = compare_perplexity(
             base, candidate, corpora, objective=objective, block_size=config.block_size,
             max_blocks=config.max_blocks, batch_size=config.batch_size, pseudo_tokens=config.pseudo_perplexity_tokens,
@@ -43,6 +42,7 @@ def evaluate(
         metric = config.gates.metric or primary_metric(kind)
         if config.gates.min_gain_over_champion is not None and finetuned:
             metrics |= _against_champion(ctx, data, metric, metrics, client)
+        metrics[COMPUTE_SECONDS] = time.perf_counter() - started
         gates = check_gates(config.gates, metrics, metric=metric)
         passed = all(g.passed for g in gates)
         for g in gates:
@@ -50,7 +50,8 @@ def evaluate(
             if g.value is not None:
                 metrics[f"gate.{g.name}.value"] = g.value
         metrics_logger(client, run_id)(0, metrics)
-        metrics_logger(client, ctx.build_run_id)(0, {k: v for k, v in metrics.items() if "/" not in k})
+        metrics_logger(client, ctx.build_run_id)(0, {k: v for k, v in metrics.items()
+                                                      if "/" not in k and k != COMPUTE_SECONDS})
         client.log_dict(run_id, {"passed": passed, "gates": [g.to_dict() for g in gates]}, "gates.json")
         verdict = "none" if not gates else "passed" if passed else "failed"
         for target in (run_id, ctx.build_run_id):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.finetune import (
     STAGE,
@@ -16,20 +13,17 @@ from adaptflow.stages.finetune import (
 )
 from adaptflow.tracking import log_dataset, metrics_logger
 from tasks import (
-    RETRIES,
-    RETRY_DELAYS,
     BuildContext,
     log_checkpoint,
-    retry_transient,
     run_or_reuse,
     stage_run,
+    stage_task,
     tag_checkpoint,
 )
 from tasks.prepare import PreparedInputs
 
 
-@task(name="finetune", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE, task_run_name="finetune-seed{seed}")
+@stage_task("finetune", task_run_name="finetune-seed{seed}")
 def finetune(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs, seed: int) -> FinetuneResult:
     config = ctx.recipe.stages.finetune
     splits = data.tasks[config.task]
@@ -63,8 +57,7 @@ def finetune(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs, seed:
         return result
 
 
-@task(name="select-seed", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage_task("select-seed")
 def select_seed(ctx: BuildContext, results: list[FinetuneResult]) -> CheckpointRef:
     """Log mean ± std of every metric over seeds on the build run; pass on the chosen seed's checkpoint."""
     config = ctx.recipe.stages.finetune

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from adaptflow.data import PreparedCorpus, load_texts, prepare_corpus
 from adaptflow.labelled import TaskSplits, label_counts, load_records, prepare_task
 from adaptflow.models import materialize_base_model
 from adaptflow.refs import CheckpointRef
 from adaptflow.tracking import log_dataset, metrics_logger
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient, stage_run
+from tasks import BuildContext, stage_run, stage_task
 
 
 @dataclass(frozen=True)
@@ -24,8 +21,7 @@ class PreparedInputs:
     tasks: dict[str, TaskSplits] = field(default_factory=dict)
 
 
-@task(name="prepare-data", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage_task("prepare-data")
 def prepare_data(ctx: BuildContext) -> PreparedInputs:
     recipe = ctx.recipe
     names = recipe.used_corpora()
@@ -70,8 +66,7 @@ def prepare_data(ctx: BuildContext) -> PreparedInputs:
         return PreparedInputs(corpora=prepared, tasks=tasks)
 
 
-@task(name="prepare-model", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage_task("prepare-model")
 def prepare_model(ctx: BuildContext, data: PreparedInputs) -> CheckpointRef:
     """The base model as a checkpoint reference (a tiny model is built, its tokenizer trained, and saved)."""
     model = ctx.recipe.model

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.pretrain import STAGE, pretrain_cache_key, run_pretrain
 from adaptflow.tracking import log_dataset
 from tasks import (
-    RETRIES,
-    RETRY_DELAYS,
     BuildContext,
     log_checkpoint,
-    retry_transient,
     run_or_reuse,
     stage_run,
+    stage_task,
     tag_checkpoint,
 )
 from tasks.prepare import PreparedInputs
 
 
-@task(name="pretrain", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage_task("pretrain")
 def pretrain(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> CheckpointRef:
     config = ctx.recipe.stages.pretrain
     corpus = data.corpora[config.corpus]

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from adaptflow.models import infer_objective
 from adaptflow.refs import CheckpointRef, EvalReport
 from adaptflow.registry import PromotionRefused, promote, register_build, version_tags
-from tasks import RETRIES, RETRY_DELAYS, BuildContext, retry_transient
+from tasks import BuildContext, stage_task
 
 
-@task(name="register", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@stage_task("register")
 def register(ctx: BuildContext, model: CheckpointRef, kind: str | None, report: EvalReport | None) -> str:
     """Register `model` on the build run; return its version. `kind` is the fine-tuned task's; without one the
     model is the adapted classifier, or (no adaptation, or the guard kept the input) the language model."""
