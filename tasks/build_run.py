@@ -30,6 +30,8 @@ def build_run(
     flow_run = getattr(get_run_context(), "flow_run", None)
     if trigger == "deployment" and getattr(flow_run, "auto_scheduled", False):
         trigger = "schedule"  # created by the deployment's schedule, not by a person
+    if flow_run is not None:
+        close_crashed_attempts(client, experiment_id, str(flow_run.id))
     run_id = start_run(
         client,
         experiment_id,
@@ -62,6 +64,23 @@ def build_run(
         raise
     _publish_report(client, run_id, "FINISHED")
     end_run(client, run_id)
+
+
+def close_crashed_attempts(client, experiment_id: str, flow_run_id: str) -> None:
+    """A retried flow run (`prefect flow-run retry`) after a crash: the killed attempt's build run and stage runs
+    were left RUNNING. Mark them KILLED, so nothing looks alive that is not (and nothing reuses them)."""
+    from adaptflow.tracking import PARENT_TAG
+
+    stale = client.search_runs([experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}' "
+                                                               "and attributes.status = 'RUNNING'")
+    for build in stale:
+        children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = "
+                                                                     f"'{build.info.run_id}' and attributes.status = 'RUNNING'")
+        for run in [*children, build]:
+            client.set_tag(run.info.run_id, "adaptflow.note", "killed: its flow run crashed and was retried")
+            client.set_terminated(run.info.run_id, status="KILLED")
+        log.warning("build run %s of flow run %s was left running by a crash: marked KILLED", build.info.run_id,
+                    flow_run_id)
 
 
 def _publish_report(client, run_id: str, status: str) -> None:
