@@ -108,7 +108,7 @@ def run_or_reuse(ctx: BuildContext, stage: str, run, config, arguments: dict, *,
         else:
             log.info("%s: reusing run %s (cache key %s)", stage, prior.run_id, key)
             client.set_tag(run_id, REUSED_FROM, prior.run_id)
-            metrics_logger(client, run_id)(0, prior.metrics)
+            metrics_logger(client, run_id)(0, prior.metrics | {COMPUTE_SECONDS: 0.0})  # nothing computed here
             return from_json(localised), prior
     if stage == "pretrain":  # the only stage with resumable saves: a forced recompute starts from step 0
         arguments = arguments | {"resume": ctx.may_reuse(stage)}
