@@ -17,6 +17,7 @@ import torch
 
 from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
 from adaptflow.errors import ConfigError, DataError, TrainingError
+from adaptflow.flops import model_shape, peak_flops, training_flops
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,9 @@ def train(
     window_loss = torch.zeros((), device=device)
     window_reg = torch.zeros((), device=device)
     window_targets = window_tokens = window_steps = 0
+    window_flops = 0.0
+    shape = model_shape(model)
+    peak = peak_flops(device, bf16=settings.bf16)
     done = start_step
     window_start = started = time.perf_counter()
     tokens_total = 0
@@ -230,7 +234,9 @@ def train(
             targets = max(1, targets)
             for n, batch in enumerate(batches):
                 mask = batch.get("attention_mask")
-                window_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                window_tokens += tokens
+                window_flops += training_flops(shape, tokens, batch["input_ids"].shape[-1])
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with autocast:
                     loss_sum = objective.loss(forward, batch)
@@ -255,6 +261,7 @@ def train(
                 if world > 1:  # window_targets is already global
                     window_loss = runtime.all_reduce_sum(window_loss)
                     window_tokens = int(runtime.all_reduce_sum(torch.tensor(window_tokens, dtype=torch.int64)))
+                    window_flops = float(runtime.all_reduce_sum(torch.tensor(window_flops, dtype=torch.float64)))
                 loss = window_loss.item() / window_targets
                 if not math.isfinite(loss):
                     raise TrainingError(
@@ -266,7 +273,10 @@ def train(
                     "loss": loss,
                     "lr": engine.param_groups[0]["lr"],
                     "tokens_per_s": window_tokens / elapsed,
+                    "model_tflops": window_flops / elapsed / 1e12,  # estimated, over all ranks
                 }
+                if peak is not None:
+                    last["mfu"] = window_flops / elapsed / (peak * world)
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
                 if regularizer is not None:
@@ -277,6 +287,7 @@ def train(
                 tokens_total += window_tokens
                 window_loss.zero_()
                 window_targets = window_tokens = window_steps = 0
+                window_flops = 0.0
                 window_start = time.perf_counter()
             if save_state is not None and settings.save_every and done % settings.save_every == 0:
                 save_state(done)
@@ -316,8 +327,9 @@ class _progress:
     def __enter__(self):
         if not self.settings.progress:
             def log_line(step: int, metrics: dict[str, float]) -> None:
-                log.info("%s step %d/%d loss %.4f %.0f tokens/s", self.settings.description, step,
-                         self.settings.max_steps, metrics["loss"], metrics["tokens_per_s"])
+                mfu = f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+                log.info("%s step %d/%d loss %.4f %.0f tokens/s%s", self.settings.description, step,
+                         self.settings.max_steps, metrics["loss"], metrics["tokens_per_s"], mfu)
 
             return log_line
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -328,16 +340,19 @@ class _progress:
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[mfu]}"),
             TimeRemainingColumn(),
         )
         self.bar.start()
         task = self.bar.add_task(
-            self.settings.description, total=self.settings.max_steps, completed=self.start, loss="-", tps="-"
+            self.settings.description, total=self.settings.max_steps, completed=self.start, loss="-", tps="-",
+            mfu="",
         )
 
         def advance(step: int, metrics: dict[str, float]) -> None:
             self.bar.update(
-                task, completed=step, loss=f"{metrics['loss']:.3f}", tps=f"{metrics['tokens_per_s']:,.0f}"
+                task, completed=step, loss=f"{metrics['loss']:.3f}", tps=f"{metrics['tokens_per_s']:,.0f}",
+                mfu=f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "",
             )
 
         return advance

@@ -191,3 +191,29 @@ def test_too_little_data_for_one_batch_is_a_clear_error(abstracts, tiny_gpt2):
     blocks = torch.zeros(3, 32, dtype=torch.long)
     with pytest.raises(DataError, match="only 3 training item"):
         BatchSampler(blocks, 8, 0)
+
+
+def test_the_loop_logs_model_flops_and_mfu_against_a_declared_peak(abstracts, tiny_bert, monkeypatch):
+    from adaptflow.flops import model_shape
+
+    model, tokenizer = copy.deepcopy(tiny_bert[0]), tiny_bert[1]
+    blocks = pack_blocks(tokenize_corpus(abstracts, tokenizer, objective="mlm"), 32)
+    logged = []
+    monkeypatch.setenv("ADAPTFLOW_PEAK_TFLOPS", "0.002")  # a 2 GFLOP/s "device": MFU is logged on the CPU too
+    train(model, build_objective("mlm", tokenizer), BatchSampler(blocks, 4, 0),
+          torch.optim.AdamW(model.parameters(), lr=1e-3), LoopSettings(max_steps=4, log_every=2),
+          device=torch.device("cpu"), log_metrics=lambda step, metrics: logged.append(metrics))
+
+    parameters, layers, hidden = model_shape(model)
+    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    assert parameters == sum(p.numel() for p in model.parameters()) - embeddings and (layers, hidden) == (2, 32)
+    per_token = 6 * parameters + 12 * layers * hidden * 32  # 6N + 12·L·H·T over packed 32-token blocks
+    for metrics in logged:
+        assert metrics["model_tflops"] * 1e12 / metrics["tokens_per_s"] == pytest.approx(per_token, rel=1e-9)
+        assert metrics["mfu"] == pytest.approx(metrics["model_tflops"] / 0.002)
+    monkeypatch.delenv("ADAPTFLOW_PEAK_TFLOPS")
+    logged.clear()
+    train(model, build_objective("mlm", tokenizer), BatchSampler(blocks, 4, 0),
+          torch.optim.AdamW(model.parameters(), lr=1e-3), LoopSettings(max_steps=2, log_every=2),
+          device=torch.device("cpu"), log_metrics=lambda step, metrics: logged.append(metrics))
+    assert "mfu" not in logged[0] and logged[0]["model_tflops"] > 0  # no known peak for a CPU: no MFU
