@@ -132,6 +132,13 @@ class EarlyStopping:
         return True
 
 
+def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW as one fused kernel over all parameters (CPU and CUDA). On 2 CPU cores the update of a MiniLM step
+    takes 7 ms fused against 47 ms with the default multi-tensor implementation."""
+    devices = {p.device.type for group in groups for p in group["params"]}
+    return torch.optim.AdamW(groups, lr=lr, fused=True if devices <= {"cpu", "cuda"} else None)
+
+
 def lr_factor(schedule: str, step: int, total: int, warmup_ratio: float, start: int = 0) -> float:
     """Multiplier of a group's initial lr at `step`: 0 before `start`, then linear warmup, then decay."""
     if step < start:

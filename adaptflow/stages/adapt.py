@@ -34,7 +34,7 @@ from adaptflow.objectives.dann import (
 from adaptflow.peft import apply_strategy, layer_groups, param_groups
 from adaptflow.refs import CheckpointRef, DatasetRef
 from adaptflow.stages.finetune import _reinitialise_pooler, encode, score
-from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, train
+from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, adamw, train
 
 log = logging.getLogger(__name__)
 STAGE = "adapt"
@@ -220,7 +220,7 @@ def _train(config, base, labels, data: _AdaptData, seed, log_metrics, progress, 
                            config.weight_decay, "head")
     groups += param_groups(model.discriminator.parameters(), config.discriminator.lr or config.lr,
                            config.weight_decay, "discriminator")
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    optimizer = adamw(groups, lr=config.lr)
     if deepspeed is not None:
         engine = DeepSpeedEngine(model, optimizer, runtime, config=deepspeed, micro_batch_size=config.batch_size,
                                  grad_accum_steps=1, max_grad_norm=config.max_grad_norm, bf16=config.bf16)

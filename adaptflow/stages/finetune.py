@@ -43,7 +43,7 @@ from adaptflow.peft import apply_strategy, layerwise_lr_groups, param_groups, tr
 from adaptflow.refs import CheckpointRef, DatasetRef
 from adaptflow.regularizers import AnchorPenalty, anchored_parameters, diagonal_fisher
 from adaptflow.tokenize import pack_blocks, tokenize_corpus
-from adaptflow.train import BatchSampler, EarlyStopping, LoopSettings, MetricsSink, train
+from adaptflow.train import BatchSampler, EarlyStopping, LoopSettings, MetricsSink, adamw, train
 
 log = logging.getLogger(__name__)
 STAGE = "finetune"
@@ -149,7 +149,7 @@ def run_finetune(
                               name="body")
         groups += param_groups([p for n, p in named if n in new_parameters], config.head_lr or config.lr,
                                config.weight_decay, name="head")
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = adamw(groups, lr=config.lr)
     if deepspeed is not None:
         engine = DeepSpeedEngine(model, optimizer, runtime, config=deepspeed, micro_batch_size=config.batch_size,
                                  grad_accum_steps=config.grad_accum_steps, max_grad_norm=config.max_grad_norm,

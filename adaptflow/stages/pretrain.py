@@ -28,7 +28,7 @@ from adaptflow.objectives import build_objective
 from adaptflow.objectives.mlm import split_mlm_head
 from adaptflow.refs import CheckpointRef, DatasetRef
 from adaptflow.tokenize import mix_replay, pack_blocks, tokenize_corpus
-from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, train
+from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, adamw, train
 
 log = logging.getLogger(__name__)
 STAGE = "pretrain"
@@ -211,8 +211,7 @@ def _optimizer_and_freezing(model: torch.nn.Module, config: PretrainConfig):
     if head_params:
         param_groups += groups(head_params, config.head_lr or config.lr, "head")
     param_groups = [g for g in param_groups if g["params"]]
-    fused = {"fused": True} if torch.cuda.is_available() else {}
-    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, **fused)
+    optimizer = adamw(param_groups, lr=config.lr)
 
     if not warmup:
         return optimizer, None
