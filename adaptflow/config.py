@@ -388,6 +388,10 @@ class DistributedConfig(Section):
         return self.nnodes * self.nproc_per_node
 
 
+# Corpus and task names become directory and S3 key components: plain names only, never a path.
+DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=64)]
+
+
 class Recipe(Section):
     domain: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
     description: str = ""
@@ -396,14 +400,30 @@ class Recipe(Section):
     workdir: str = "adaptflow-runs"
     checkpoint_mirror: str | None = None  # s3://bucket/prefix (or a path): resumable states copied there too
     model: ModelConfig
-    corpora: dict[str, CorpusConfig] = Field(default_factory=dict)
-    tasks: dict[str, TaskDataConfig] = Field(default_factory=dict)
+    corpora: dict[DatasetName, CorpusConfig] = Field(default_factory=dict)
+    tasks: dict[DatasetName, TaskDataConfig] = Field(default_factory=dict)
     stages: StagesConfig = StagesConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig | None = None  # deployed builds run on it (adaptflow deploy)
+
+    @model_validator(mode="after")
+    def _evaluation_inputs_enabled(self) -> Recipe:
+        """Gates and OOD sets that score the fine-tuned model need the fine-tuning stage (else they could only
+        fail, after the whole build)."""
+        evaluation, finetune = self.evaluation, self.stages.finetune
+        if not evaluation.enabled or (finetune is not None and finetune.enabled):
+            return self
+        needs = [f"evaluation.gates.{name}" for name in ("min_task_metric", "max_robustness_drop",
+                                                         "min_gain_over_champion")
+                 if getattr(evaluation.gates, name) is not None]
+        needs += ["evaluation.ood_tasks"] if evaluation.ood_tasks else []
+        if needs:
+            raise ValueError(f"{', '.join(needs)} score the fine-tuned model, but stages.finetune is disabled: "
+                             "enable it, or remove them")
+        return self
 
     @property
     def experiment_name(self) -> str:
@@ -637,10 +657,14 @@ def _describe(error: dict, overridden: set[str]) -> str:
         return f"{where}: unknown key{origin}{hint}"
     if error["type"] == "missing":
         return f"{where}: required but missing"
+    if error["loc"] and error["loc"][-1] == "[key]":  # a corpus or task name
+        section = _dotted(error["loc"][:-2])
+        return (f"{section}: name {error['input']!r} must start with a letter or digit and hold only letters, "
+                f"digits, '_' or '-' (at most 64): it names files and S3 keys{origin}")
     value = error.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "{...}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{where or '(top level)'}: {message} (got {shown}){origin}"
+    got = "" if isinstance(value, dict) else f" (got {value!r})"  # a section's own check names its keys itself
+    return f"{where or '(top level)'}: {message}{got}{origin}"
 
 
 def _dotted(loc: tuple) -> str:

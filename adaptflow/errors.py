@@ -25,3 +25,21 @@ class TrainingError(AdaptflowError, RuntimeError):
 
 class ConfigError(AdaptflowError, ValueError):
     """A setting that only turns out wrong once the model or data is known (e.g. block_size > positions)."""
+
+
+def quiet_user_error_tracebacks() -> None:
+    """Prefect logs a failed task or flow run with its traceback. For an `AdaptflowError` — bad input the user
+    fixes, whose message already says what and how — the traceback is noise: keep the message, drop the stack."""
+    import logging
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_UserErrorsWithoutTraceback())
+
+
+class _UserErrorsWithoutTraceback:
+    def filter(self, record) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], AdaptflowError):
+            record.exc_info, record.exc_text = None, None
+        return True

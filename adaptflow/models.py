@@ -232,12 +232,16 @@ def load_model(ref: CheckpointRef | str, objective: str, *, seed: int = 0, trust
             ", ..." if len(missing) > 3 else "",
             seed,
         )
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise DataError(
-            f"tokenizer of {path} has {len(tokenizer)} tokens but the model's embedding has "
-            f"{model.get_input_embeddings().num_embeddings} rows; the checkpoint's tokenizer and weights don't match"
-        )
+    _check_vocabulary(path, tokenizer, model)
     return model, tokenizer
+
+
+def _check_vocabulary(path, tokenizer, model) -> None:
+    """A tokenizer with ids beyond the embedding table would crash (or silently misindex) mid-training."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise DataError(f"tokenizer of {path} has {len(tokenizer)} tokens but the model's embedding has {rows} "
+                        "rows; the checkpoint's tokenizer and weights don't match (save both from one model)")
 
 
 TASK_AUTO_CLASSES = {
@@ -277,6 +281,7 @@ def load_task_model(
         # A checkpoint with another task head (say, the adapt stage's) gets a fresh head of the right size.
         model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True,
                                      ignore_mismatched_sizes=kind != "sft", **kwargs)
+    _check_vocabulary(path, tokenizer, model)
     if lineage.get("strategy") == "adapters":
         from safetensors.torch import load_model as load_weights
 

@@ -64,7 +64,12 @@ def is_s3(uri: str | os.PathLike) -> bool:
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
-    """Append path components to a local path or ``s3://`` URI, keeping its kind."""
+    """Append path components to a local path or ``s3://`` URI, keeping its kind. A component that is absolute
+    or climbs out (``..``) is refused: paths built from recipe values stay under their base."""
+    for part in parts:
+        pieces = str(part).replace("\\", "/").split("/")
+        if str(part).startswith(("/", "\\")) or ".." in pieces or ":" in pieces[0]:
+            raise ValueError(f"path component {part!r} would leave {base}: use a plain relative name")
     if is_s3(base):
         return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
     return str(Path(_local_path(base), *parts))

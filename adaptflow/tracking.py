@@ -25,6 +25,9 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 MAX_PARAM_CHARS = 6000
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# Secrets carried in query strings: tokens, passwords, pre-signed URL signatures and credentials.
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:[\w-]*token|password|passwd|secret|sig|signature|x-amz-signature|"
+                           r"x-amz-credential|x-amz-security-token|api[_-]?key)=)[^&\s#]+")
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,28 @@ def resolve_tracking(config: TrackingConfig, workdir: str | Path, override: str 
     if uri is None:
         workdir.mkdir(parents=True, exist_ok=True)
         return TrackingTarget(uri=f"sqlite:///{workdir / 'mlflow.db'}", artifact_location=str(workdir / "mlartifacts"))
+    if config.artifact_location is None and uri.startswith(("sqlite:", "file:")):
+        # A local store keeps its artifacts under the workdir too (MLflow's default is ./mlruns of wherever the
+        # command happened to run). A tracking server decides for itself.
+        return TrackingTarget(uri=uri, artifact_location=str(workdir / "mlartifacts"))
     return TrackingTarget(uri=uri, artifact_location=config.artifact_location)
 
 
 def redact(text: str) -> str:
-    """Drop credentials embedded in URIs (scheme://user:password@host)."""
-    return _USERINFO.sub("***@", text)
+    """Drop credentials embedded in URIs: scheme://user:password@host, and tokens, passwords or signatures in
+    query strings."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("***@", text))
+
+
+def redact_tree(value):
+    """`redact` applied to every string of a JSON-like structure."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_tree(v) for v in value]
+    return value
 
 
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:

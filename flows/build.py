@@ -14,6 +14,8 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from adaptflow.config import load_recipe
+from adaptflow.errors import RecipeError
+from adaptflow.preflight import preflight_problems
 from adaptflow.tracking import build_summary
 from tasks.adapt import adapt
 from tasks.build_run import build_run
@@ -47,6 +49,8 @@ def build(
     Stages whose cache key matches an earlier finished run are reused, not recomputed (`reuse=False`: none;
     `recompute_from="finetune"`: none from that stage on)."""
     recipe = load_recipe(recipe_path, overrides or []).capped(max_steps=max_steps, max_examples=max_examples)
+    if problems := preflight_problems(recipe, tracking_uri):  # a deployed build checks, too, before any compute
+        raise RecipeError(Path(recipe_path).name, problems)
     with build_run(recipe, tracking_uri=tracking_uri, trigger=trigger, progress=progress, reuse=reuse,
                    recompute_from=recompute_from, rerun_of=rerun_of) as ctx:
         stages = recipe.enabled_stages()

@@ -61,7 +61,7 @@ def build(
     reuse: Annotated[bool, typer.Option(help="Reuse finished stages with the same cache key")] = True,
 ) -> None:
     """Run a recipe's build flow (Prefect) with MLflow tracking; print the summary."""
-    loaded = _load_or_exit(recipe, overrides or [])
+    loaded = _load_or_exit(recipe, overrides or [], tracking_uri=tracking_uri)
     loaded.capped(max_steps=max_steps, max_examples=max_examples)  # caps must leave a valid recipe, too
     _run_build(summary_json, str(recipe), overrides=list(overrides or []), tracking_uri=tracking_uri,
                max_steps=max_steps, max_examples=max_examples, progress=progress, reuse=reuse)
@@ -86,7 +86,7 @@ def rerun(
     except AdaptflowError as err:
         typer.echo(f"cannot rerun: {err}", err=True)
         raise typer.Exit(2) from None
-    _load_or_exit(path, overrides or [])
+    _load_or_exit(path, overrides or [], tracking_uri=client.tracking_uri)
     _run_build(summary_json, str(path), overrides=list(overrides or []), tracking_uri=client.tracking_uri,
                progress=progress, trigger="rerun", recompute_from=from_stage, rerun_of=build_run_id)
 
@@ -235,7 +235,7 @@ def _tracking_client(tracking_uri: str | None):
     return MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default)
 
 
-def _load_or_exit(path: Path, overrides: list[str]) -> Recipe:
+def _load_or_exit(path: Path, overrides: list[str], *, tracking_uri: str | None = None) -> Recipe:
     from adaptflow.preflight import preflight_problems
 
     try:
@@ -243,7 +243,7 @@ def _load_or_exit(path: Path, overrides: list[str]) -> Recipe:
     except RecipeError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
-    problems = preflight_problems(recipe)
+    problems = preflight_problems(recipe, tracking_uri)
     if problems:
         typer.echo(str(RecipeError(path.name, problems)), err=True)
         raise typer.Exit(2)

@@ -8,10 +8,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from adaptflow.config import Recipe
+from adaptflow.errors import quiet_user_error_tracebacks
 from adaptflow.lineage import git_commit
 from adaptflow.report import publish_report
 from adaptflow.reuse import RECIPE_ARTIFACT
-from adaptflow.tracking import end_run, ensure_experiment, flatten, log_params, resolve_tracking, start_run
+from adaptflow.tracking import (
+    end_run,
+    ensure_experiment,
+    flatten,
+    log_params,
+    redact_tree,
+    resolve_tracking,
+    start_run,
+)
 from tasks import BuildContext
 
 log = logging.getLogger("adaptflow.build")  # under "adaptflow": shown in Prefect's run logs
@@ -22,12 +31,13 @@ def build_run(
     recipe: Recipe, *, tracking_uri: str | None, trigger: str, progress: bool = False, reuse: bool = True,
     recompute_from: str | None = None, rerun_of: str | None = None,
 ) -> Iterator[BuildContext]:
-    from prefect.context import get_run_context
+    from prefect.context import FlowRunContext
 
+    quiet_user_error_tracebacks()
     tracking = resolve_tracking(recipe.tracking, recipe.workdir, tracking_uri)
     client = tracking.client()
     experiment_id = ensure_experiment(client, recipe.experiment_name, tracking.artifact_location)
-    flow_run = getattr(get_run_context(), "flow_run", None)
+    flow_run = getattr(FlowRunContext.get(), "flow_run", None)  # None outside a flow run
     if trigger == "deployment" and getattr(flow_run, "auto_scheduled", False):
         trigger = "schedule"  # created by the deployment's schedule, not by a person
     if flow_run is not None:
@@ -49,10 +59,15 @@ def build_run(
             "adaptflow.rerun_of": rerun_of,
         },
     )
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: loading %s runs Python code that ships with the model, with "
+                    "this process's rights; turn it on only for model repositories you trust",
+                    recipe.model.name or recipe.model.path)
+        client.set_tag(run_id, "adaptflow.trust_remote_code", "true")
     try:
         resolved = recipe.model_dump(mode="json")
         log_params(client, run_id, flatten(resolved))
-        client.log_dict(run_id, resolved, RECIPE_ARTIFACT)  # what `adaptflow rerun` starts from
+        client.log_dict(run_id, redact_tree(resolved), RECIPE_ARTIFACT)  # what `adaptflow rerun` starts from
         yield BuildContext(recipe, tracking, experiment_id, run_id, progress, reuse=reuse,
                            recompute_from=recompute_from)
     except Exception:

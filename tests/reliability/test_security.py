@@ -1,0 +1,101 @@
+"""Security promises: no secret reaches MLflow, the workdir or the logs; names from a recipe cannot climb out of
+their directories; remote code runs only when the recipe says so, and then loudly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from adaptflow import storage
+from adaptflow.config import load_recipe
+from adaptflow.errors import RecipeError
+from flows.cli import app
+from tests.conftest import DOMAINS
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYADAPTFLOW7",
+    "AWS_SECRET_ACCESS_KEY": "fakeAwsSecretKeyAdaptflow0123456789abcd",
+    "AWS_SESSION_TOKEN": "FakeSessionTokenAdaptflow55",
+    "HF_TOKEN": "hf_FakeHuggingFaceTokenAdaptflow",
+    "MLFLOW_TRACKING_PASSWORD": "FakeMlflowPasswordAdaptflow",
+    "PREFECT_API_KEY": "pnu_FakePrefectKeyAdaptflow",
+}
+URI_PASSWORD = "FakeUriPasswordAdaptflow"
+QUERY_TOKEN = "FakeQueryTokenAdaptflow"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_planted_secrets_never_reach_mlflow_the_workdir_or_the_logs(tmp_path, tiny_overrides, monkeypatch, capfd,
+                                                                    caplog):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    overrides = [*tiny_overrides, "stages.finetune.seeds=[1]", "registry.auto_promote=true",
+                 # credentials inside recipe values: a tracking URI with a password, a mirror URL with a token
+                 f"tracking.uri=http://alice:{URI_PASSWORD}@mlflow.invalid:5000",
+                 f"checkpoint_mirror={tmp_path / 'mirror'}?token={QUERY_TOKEN}"]
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with caplog.at_level(logging.DEBUG):
+        result = CliRunner().invoke(app, ["build", str(DOMAINS / "tiny.yaml"), "--no-progress", "--tracking-uri", db,
+                                          *[a for o in overrides for a in ("--set", o)]])
+    assert result.exit_code == 0, result.output
+    planted = [*SECRETS.values(), URI_PASSWORD, QUERY_TOKEN]
+
+    client = MlflowClient(db)
+    texts: list[tuple[str, str]] = [("cli output", result.output), ("captured output", "".join(capfd.readouterr())),
+                                    ("log records", "\n".join(r.getMessage() for r in caplog.records))]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 5
+    for run in runs:
+        texts.append((f"run {run.info.run_name}", repr(run.data.params) + repr(run.data.tags)
+                      + repr(sorted(run.data.metrics)) + repr([d.dataset.source + d.dataset.profile
+                                                               for d in run.inputs.dataset_inputs])))
+        local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts" / run.info.run_id)))
+        texts += [(str(f), f.read_bytes().decode("utf-8", "replace")) for f in local.rglob("*") if f.is_file()]
+    for version in client.search_model_versions("name='adaptflow-tiny'"):
+        texts.append((f"model version {version.version}", repr(version.tags) + version.source))
+    texts += [(str(f), f.read_bytes().decode("utf-8", "replace")) for f in (tmp_path / "runs").rglob("*")
+              if f.is_file() and f.suffix != ".safetensors"]
+    for where, text in texts:
+        for secret in planted:
+            assert secret not in text, f"{secret} leaked into {where}"
+    build = next(r for r in runs if r.data.tags.get("adaptflow.kind") == "build")
+    assert build.data.params["tracking.uri"] == "http://***@mlflow.invalid:5000"  # logged, redacted
+    assert build.data.params["checkpoint_mirror"].endswith("?token=***")
+
+
+@pytest.mark.parametrize("section", ["corpora", "tasks"])
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/abs", ".hidden", "x" * 65])
+def test_corpus_and_task_names_cannot_become_paths(tmp_path, section, name):
+    entry = "{path: x.txt}" if section == "corpora" else "{type: classification, train: x.jsonl}"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((DOMAINS / "tiny.yaml").read_text().replace(f"\n{section}:\n", f"\n{section}:\n  '{name}': {entry}\n", 1))
+    with pytest.raises(RecipeError, match=rf"{section}: name .* must start with a letter or digit and hold only"):
+        load_recipe(recipe)
+
+
+def test_paths_built_from_names_stay_under_their_base(tmp_path):
+    assert storage.join("s3://bucket/runs", "pretrain-abc", "final") == "s3://bucket/runs/pretrain-abc/final"
+    assert storage.join(tmp_path, "datasets", "domain-1f2e") == str(tmp_path / "datasets" / "domain-1f2e")
+    for part in ("../outside", "a/../../b", "/etc/passwd", "s3://other-bucket/key"):
+        with pytest.raises(ValueError, match="would leave"):
+            storage.join(tmp_path, part)
+        with pytest.raises(ValueError, match="would leave"):
+            storage.join("s3://bucket/runs", part)
+
+
+def test_remote_code_is_off_by_default_and_loud_when_on(tmp_path, tiny_overrides, caplog):
+    assert load_recipe(DOMAINS / "biomedical.yaml").model.trust_remote_code is False
+    from tasks.build_run import build_run
+
+    recipe = load_recipe(DOMAINS / "tiny.yaml", [*tiny_overrides, "model.trust_remote_code=true"])
+    with caplog.at_level(logging.WARNING, logger="adaptflow.build"):
+        with build_run(recipe, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", trigger="manual") as ctx:
+            run_id = ctx.build_run_id
+    assert any("trust_remote_code is on" in r.getMessage() and "repositories you trust" in r.getMessage()
+               for r in caplog.records)
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.tags[
+        "adaptflow.trust_remote_code"] == "true"
