@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,8 +42,7 @@ def build_run(
     flow_run = getattr(FlowRunContext.get(), "flow_run", None)  # None outside a flow run
     if trigger == "deployment" and getattr(flow_run, "auto_scheduled", False):
         trigger = "schedule"  # created by the deployment's schedule, not by a person
-    if flow_run is not None:
-        close_crashed_attempts(client, experiment_id, str(flow_run.id))
+    close_crashed_attempts(client, experiment_id, str(flow_run.id) if flow_run is not None else None)
     run_id = start_run(
         client,
         experiment_id,
@@ -55,6 +56,8 @@ def build_run(
             "git_commit": git_commit(),
             "prefect.flow_run_id": flow_run.id if flow_run else None,
             "prefect.deployment_id": getattr(flow_run, "deployment_id", None),
+            "adaptflow.host": socket.gethostname(),
+            "adaptflow.pid": os.getpid(),
             "adaptflow.reuse": "off" if not reuse else f"until {recompute_from}" if recompute_from else "on",
             "adaptflow.rerun_of": rerun_of,
         },
@@ -81,21 +84,41 @@ def build_run(
     end_run(client, run_id)
 
 
-def close_crashed_attempts(client, experiment_id: str, flow_run_id: str) -> None:
-    """A retried flow run (`prefect flow-run retry`) after a crash: the killed attempt's build run and stage runs
-    were left RUNNING. Mark them KILLED, so nothing looks alive that is not (and nothing reuses them)."""
+def close_crashed_attempts(client, experiment_id: str, flow_run_id: str | None) -> None:
+    """Builds that died without closing their runs (SIGKILL, a lost node): their build and stage runs were left
+    RUNNING. Mark them KILLED, so nothing looks alive that is not. A build is known dead when its Prefect flow run
+    is being retried (`prefect flow-run retry`: same flow run id), or when it ran on this host and its process is
+    gone."""
     from adaptflow.tracking import PARENT_TAG
 
-    stale = client.search_runs([experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}' "
-                                                               "and attributes.status = 'RUNNING'")
-    for build in stale:
+    running = client.search_runs([experiment_id], filter_string="tags.`adaptflow.kind` = 'build' and "
+                                                                "attributes.status = 'RUNNING'")
+    for build in running:
+        tags = build.data.tags
+        if flow_run_id is not None and tags.get("prefect.flow_run_id") == flow_run_id:
+            why = "its flow run crashed and was retried"
+        elif tags.get("adaptflow.host") == socket.gethostname() and not _alive(tags.get("adaptflow.pid")):
+            why = f"its process ({tags.get('adaptflow.pid')}) on this host is gone"
+        else:
+            continue
         children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = "
                                                                      f"'{build.info.run_id}' and attributes.status = 'RUNNING'")
         for run in [*children, build]:
-            client.set_tag(run.info.run_id, "adaptflow.note", "killed: its flow run crashed and was retried")
+            client.set_tag(run.info.run_id, "adaptflow.note", f"killed: {why}")
             client.set_terminated(run.info.run_id, status="KILLED")
-        log.warning("build run %s of flow run %s was left running by a crash: marked KILLED", build.info.run_id,
-                    flow_run_id)
+        log.warning("build run %s was left running (%s): marked KILLED", build.info.run_id, why)
+
+
+def _alive(pid: str | None) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError):
+        return True  # no pid recorded: cannot tell, leave it alone
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _publish_report(client, run_id: str, status: str) -> None:
