@@ -79,7 +79,11 @@ class Runtime:
         if self.world_size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            # NCCL reduces GPU tensors only; the loop's counters (targets, tokens, FLOPs) live on the CPU.
+            reduced = tensor.to(self.device())
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+            if reduced is not tensor:
+                tensor.copy_(reduced)
         return tensor
 
     def barrier(self) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from adaptflow.tracking import build_summary, run_seconds
+from adaptflow.tracking import child_runs, run_seconds, summarise
 
 REPORT_DIR = "report"
 # The evaluation's headline rows (here and in the CLI's summary): task and OOD scores, calibration, robustness.
@@ -58,11 +58,12 @@ class BuildRecord:
 def collect(client, build_run_id: str, *, status: str | None = None) -> BuildRecord:
     """Everything the report shows, from the tracking server. `status` overrides the run's own (a build writes
     its report just before it closes its run)."""
-    summary = build_summary(client, build_run_id)
+    parent = client.get_run(build_run_id)
+    children = child_runs(client, parent)
+    summary = summarise(parent, children)
     if status:
         summary["status"] = status
-    parent = client.get_run(build_run_id)
-    stages = [_stage_record(client, name, info["run_id"]) for name, info in summary["stages"].items()]
+    stages = [_stage_record(client, run) for run in children]
     evaluate = next((s for s in stages if s.name == "evaluate"), None)
     gates = _gates(evaluate) if evaluate else []
     return BuildRecord(summary, dict(parent.data.tags), run_seconds(parent.info), stages, gates,
@@ -92,8 +93,8 @@ def publish_report(client, build_run_id: str, *, status: str | None = None) -> s
 # ---- reading MLflow ---------------------------------------------------------------------------------------------
 
 
-def _stage_record(client, name: str, run_id: str) -> StageRecord:
-    run = client.get_run(run_id)
+def _stage_record(client, run) -> StageRecord:
+    run_id = run.info.run_id
     curves = {}
     trained_in = run.data.tags.get("adaptflow.reused_from", run_id)  # a reused stage: the curves of its origin
     for key in sorted(run.data.metrics):
@@ -109,7 +110,7 @@ def _stage_record(client, name: str, run_id: str) -> StageRecord:
         datasets.append({"name": item.dataset.name, "digest": item.dataset.digest, "context": context,
                          "rows": profile.get("num_rows"), "source": profile.get("prepared_from")
                          or source.get("uri") or source.get("url") or source.get("path") or ""})
-    return StageRecord(name, run_id, run.info.status, run_seconds(run.info), dict(run.data.metrics),
+    return StageRecord(run.info.run_name, run_id, run.info.status, run_seconds(run.info), dict(run.data.metrics),
                        dict(run.data.tags), curves, datasets)
 
 

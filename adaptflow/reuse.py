@@ -55,10 +55,8 @@ def find_reusable(client, experiment_id: str, key: str) -> PriorRun | None:
         tags = origin.data.tags
         if origin.info.status != "FINISHED" or "adaptflow.checkpoint.digest" not in tags:
             continue
-        if not any(a.path == RESULT_ARTIFACT for a in client.list_artifacts(origin_id)):
+        if (result := _load_json(client, origin_id, RESULT_ARTIFACT)) is None:
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            result = json.loads(Path(client.download_artifacts(origin_id, RESULT_ARTIFACT, tmp)).read_text())
         return PriorRun(origin_id, result, dict(origin.data.metrics), tags.get("adaptflow.checkpoint.uri", ""),
                         tags.get("adaptflow.checkpoint.artifact_uri", ""), tags["adaptflow.checkpoint.digest"])
     return None
@@ -136,12 +134,18 @@ def rerun_recipe(client, build_run_id: str, from_stage: str) -> Path:
     if from_stage not in STAGE_ORDER or from_stage not in ran:
         choices = " | ".join(s for s in STAGE_ORDER if s in ran)
         raise ConfigError(f"--from {from_stage!r}: build {build_run_id} ran no such stage; choose {choices}")
-    if not any(a.path == RECIPE_ARTIFACT for a in client.list_artifacts(build_run_id)):
+    if (recipe := _load_json(client, build_run_id, RECIPE_ARTIFACT)) is None:
         raise ConfigError(f"build {build_run_id} recorded no {RECIPE_ARTIFACT} (built before reruns existed): "
                           "run `adaptflow build` with its recipe instead")
-    with tempfile.TemporaryDirectory() as tmp:
-        recipe = json.loads(Path(client.download_artifacts(build_run_id, RECIPE_ARTIFACT, tmp)).read_text())
     path = Path(recipe["workdir"]) / "reruns" / f"{recipe['domain']}-rerun-of-{build_run_id[:8]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(recipe, indent=2))
     return path
+
+
+def _load_json(client, run_id: str, path: str) -> dict | None:
+    """A JSON artifact at the top of a run's artifacts, or None when the run has none by that name."""
+    if not any(a.path == path for a in client.list_artifacts(run_id)):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())

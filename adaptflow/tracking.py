@@ -149,14 +149,21 @@ def log_directory(client, run_id: str, local_dir: str | Path, artifact_path: str
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
+def child_runs(client, parent, *, status: str | None = None) -> list:
+    """A run's child runs (a build's stages), oldest first; only those in `status` when given."""
+    where = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'" + (f" and attributes.status = '{status}'" if status else "")
+    return client.search_runs([parent.info.experiment_id], filter_string=where, order_by=["attributes.start_time ASC"])
+
+
 def build_summary(client, build_run_id: str) -> dict:
     """What a build did, read back from MLflow: `{build_run_id, domain, status, metrics, stages: {...}}`."""
     parent = client.get_run(build_run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{build_run_id}'",
-        order_by=["attributes.start_time ASC"],
-    )
+    return summarise(parent, child_runs(client, parent))
+
+
+def summarise(parent, children: list) -> dict:
+    """`build_summary` of an already fetched build run and its stage runs."""
+    build_run_id = parent.info.run_id
     stages = {
         run.info.run_name: {
             "run_id": run.info.run_id,
@@ -210,8 +217,7 @@ def recent_builds(client, *, domain: str | None = None, limit: int = 10) -> list
                                 max_results=limit)
     out = []
     for run in builds:
-        children = client.search_runs([run.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'",
-                                      order_by=["attributes.start_time ASC"])
+        children = child_runs(client, run)
         tags = run.data.tags
         out.append({
             "build_run_id": run.info.run_id,

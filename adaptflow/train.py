@@ -267,8 +267,8 @@ def train(
             if done % settings.log_every == 0 or done == settings.max_steps:
                 if world > 1:  # window_targets is already global
                     window_loss = runtime.all_reduce_sum(window_loss)
-                    window_tokens = int(runtime.all_reduce_sum(torch.tensor(window_tokens, dtype=torch.int64)))
-                    window_flops = float(runtime.all_reduce_sum(torch.tensor(window_flops, dtype=torch.float64)))
+                    counts = runtime.all_reduce_sum(torch.tensor([window_tokens, window_flops], dtype=torch.float64))
+                    window_tokens, window_flops = int(counts[0]), float(counts[1])  # tokens < 2**53: exact
                 loss = window_loss.item() / window_targets
                 if not math.isfinite(loss):
                     raise TrainingError(

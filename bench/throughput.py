@@ -56,7 +56,7 @@ class StepClock:
     def __init__(self, warmup: int):
         self.warmup, self.tokens, self.marks = warmup, [], []
 
-    def step_done(self, step: int, tokens: int) -> None:
+    def step_done(self, tokens: int) -> None:
         self.tokens.append(tokens)
         self.marks.append(time.perf_counter())
 
@@ -98,7 +98,7 @@ def arm_pretrain_adaptflow(steps: int, warmup: int, work: Path) -> dict:
 
     def sink(step: int, metrics: dict) -> None:
         if "tokens_per_s" in metrics:
-            clock.step_done(step, block_tokens)
+            clock.step_done(block_tokens)
 
     run_pretrain(config, base=_base(), train_data=corpus.train, validation_data=None, work_dir=work / "stages",
                  cache_dir=work / "cache",
@@ -123,7 +123,7 @@ def arm_finetune_adaptflow(steps: int, warmup: int, work: Path) -> dict:
             now = time.perf_counter()
             duration = now - windows[-1] if windows else 0.0
             windows.append(now)
-            clock.step_done(step, round(metrics["tokens_per_s"] * duration))
+            clock.step_done(round(metrics["tokens_per_s"] * duration))
 
     run_finetune(config, task=splits, base=_base(), work_dir=work / "stages", seed=SEED, log_metrics=sink)
     return clock.result()
@@ -142,7 +142,7 @@ def _trainer_run(model, dataset, collator, steps: int, warmup: int, work: Path) 
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            clock.step_done(state.global_step, counted[state.global_step - 1])
+            clock.step_done(counted[state.global_step - 1])
 
     args = TrainingArguments(output_dir=str(work / "trainer"), per_device_train_batch_size=BATCH,
                              max_steps=warmup + steps, learning_rate=LR, lr_scheduler_type="linear",
@@ -198,14 +198,14 @@ def _bare_loop(model, batches: list[dict], steps: int, warmup: int, loss_fn=None
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     model.train()
     clock = StepClock(warmup)
-    for step, batch in enumerate(batches):
+    for batch in batches:
         loss = loss_fn(batch) if loss_fn else model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mask = batch.get("attention_mask")
-        clock.step_done(step, int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        clock.step_done(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
     return clock.result()
 
 

@@ -43,13 +43,15 @@ def build(
     reuse: bool = True,
     recompute_from: str | None = None,
     rerun_of: str | None = None,
+    checked: bool = False,
 ) -> dict:
     """Build one domain model from a recipe; return the build summary read back from MLflow.
 
     Stages whose cache key matches an earlier finished run are reused, not recomputed (`reuse=False`: none;
-    `recompute_from="finetune"`: none from that stage on)."""
+    `recompute_from="finetune"`: none from that stage on). The recipe's inputs are checked first, unless the
+    caller did (`checked`: the CLI, which answers bad input before starting Prefect)."""
     recipe = load_recipe(recipe_path, overrides or []).capped(max_steps=max_steps, max_examples=max_examples)
-    if problems := preflight_problems(recipe, tracking_uri):  # a deployed build checks, too, before any compute
+    if not checked and (problems := preflight_problems(recipe, tracking_uri)):  # e.g. a deployed build
         raise RecipeError(Path(recipe_path).name, problems)
     with build_run(recipe, tracking_uri=tracking_uri, trigger=trigger, progress=progress, reuse=reuse,
                    recompute_from=recompute_from, rerun_of=rerun_of) as ctx:

@@ -217,7 +217,7 @@ def _run_build(summary_json: Path | None, recipe_path: str, **parameters) -> Non
     from flows.build import build as build_flow
 
     try:
-        summary = build_flow(recipe_path, **parameters)
+        summary = build_flow(recipe_path, **parameters, checked=True)  # the caller ran `_load_or_exit`
     except AdaptflowError as err:
         typer.echo(f"build failed: {err}", err=True)
         raise typer.Exit(1) from None

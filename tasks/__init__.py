@@ -120,18 +120,16 @@ def run_or_reuse(ctx: BuildContext, stage: str, run, config, arguments: dict, *,
     return result, None
 
 
-def log_checkpoint(client, run_id: str, directory: str, *, prior) -> str:
-    """Log a computed stage's checkpoint directory as the run's `checkpoint` artifact; return its URI. A reused
+def record_checkpoint(client, run_id: str, checkpoint: CheckpointRef, *, prior, upload: str | None = None) -> None:
+    """Tag the stage run with the checkpoint it passes on (where it is, its digest, its logged copy: reuse and
+    lineage read these) and log `upload` (default: that checkpoint) as the run's `checkpoint` artifact. A reused
     checkpoint is not uploaded again: its artifact is the earlier run's."""
     from adaptflow.tracking import log_directory
 
-    return prior.artifact_uri if prior is not None else log_directory(client, run_id, directory, "checkpoint")
-
-
-def tag_checkpoint(client, run_id: str, checkpoint: CheckpointRef, artifact_uri: str) -> None:
-    """The checkpoint a stage passes on: where it is, its logged copy and its digest (reuse and lineage read these)."""
+    upload = upload or checkpoint.uri
+    artifact_uri = prior.artifact_uri if prior is not None else log_directory(client, run_id, upload, "checkpoint")
     client.set_tag(run_id, "adaptflow.checkpoint.uri", checkpoint.uri)
-    client.set_tag(run_id, "adaptflow.checkpoint.artifact_uri", artifact_uri)
+    client.set_tag(run_id, "adaptflow.checkpoint.artifact_uri", artifact_uri if upload == checkpoint.uri else "")
     client.set_tag(run_id, "adaptflow.checkpoint.digest", checkpoint.digest)
 
 

@@ -6,14 +6,7 @@ from __future__ import annotations
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.adapt import STAGE, AdaptResult, adapt_cache_key, run_adapt
 from adaptflow.tracking import log_dataset, metrics_logger
-from tasks import (
-    BuildContext,
-    log_checkpoint,
-    run_or_reuse,
-    stage_run,
-    stage_task,
-    tag_checkpoint,
-)
+from tasks import BuildContext, record_checkpoint, run_or_reuse, stage_run, stage_task
 from tasks.prepare import PreparedInputs
 
 
@@ -49,7 +42,6 @@ def adapt(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> Check
         client.set_tag(run_id, "adaptflow.guard.reason", result.reason)
         client.set_tag(ctx.build_run_id, "adaptflow.adapt.guard", decision)
         # The adapted model is logged either way (to inspect a rejection); it is the checkpoint only if accepted.
-        artifact_uri = log_checkpoint(client, run_id, result.adapted.uri, prior=prior)
-        tag_checkpoint(client, run_id, result.checkpoint, artifact_uri if result.accepted else "")
+        record_checkpoint(client, run_id, result.checkpoint, prior=prior, upload=result.adapted.uri)
         client.set_tag(run_id, "adaptflow.adapted.uri", result.adapted.uri)
         return result.checkpoint

@@ -89,7 +89,7 @@ def close_crashed_attempts(client, experiment_id: str, flow_run_id: str | None) 
     RUNNING. Mark them KILLED, so nothing looks alive that is not. A build is known dead when its Prefect flow run
     is being retried (`prefect flow-run retry`: same flow run id), or when it ran on this host and its process is
     gone."""
-    from adaptflow.tracking import PARENT_TAG
+    from adaptflow.tracking import child_runs
 
     running = client.search_runs([experiment_id], filter_string="tags.`adaptflow.kind` = 'build' and "
                                                                 "attributes.status = 'RUNNING'")
@@ -101,9 +101,7 @@ def close_crashed_attempts(client, experiment_id: str, flow_run_id: str | None) 
             why = f"its process ({tags.get('adaptflow.pid')}) on this host is gone"
         else:
             continue
-        children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = "
-                                                                     f"'{build.info.run_id}' and attributes.status = 'RUNNING'")
-        for run in [*children, build]:
+        for run in [*child_runs(client, build, status="RUNNING"), build]:
             client.set_tag(run.info.run_id, "adaptflow.note", f"killed: {why}")
             client.set_terminated(run.info.run_id, status="KILLED")
         log.warning("build run %s was left running (%s): marked KILLED", build.info.run_id, why)

@@ -12,14 +12,7 @@ from adaptflow.stages.finetune import (
     run_finetune,
 )
 from adaptflow.tracking import log_dataset, metrics_logger
-from tasks import (
-    BuildContext,
-    log_checkpoint,
-    run_or_reuse,
-    stage_run,
-    stage_task,
-    tag_checkpoint,
-)
+from tasks import BuildContext, record_checkpoint, run_or_reuse, stage_run, stage_task
 from tasks.prepare import PreparedInputs
 
 
@@ -52,8 +45,7 @@ def finetune(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs, seed:
             metrics_logger(client, run_id)(int(result.metrics["steps"]), result.metrics)
             for report in result.reports:
                 client.log_artifact(run_id, report, artifact_path="reports")
-        tag_checkpoint(client, run_id, result.checkpoint, log_checkpoint(client, run_id, result.checkpoint.uri,
-                                                                         prior=prior))
+        record_checkpoint(client, run_id, result.checkpoint, prior=prior)
         return result
 
 

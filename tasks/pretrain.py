@@ -5,14 +5,7 @@ from __future__ import annotations
 from adaptflow.refs import CheckpointRef
 from adaptflow.stages.pretrain import STAGE, pretrain_cache_key, run_pretrain
 from adaptflow.tracking import log_dataset
-from tasks import (
-    BuildContext,
-    log_checkpoint,
-    run_or_reuse,
-    stage_run,
-    stage_task,
-    tag_checkpoint,
-)
+from tasks import BuildContext, record_checkpoint, run_or_reuse, stage_run, stage_task
 from tasks.prepare import PreparedInputs
 
 
@@ -43,7 +36,6 @@ def pretrain(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> Ch
         checkpoint, prior = run_or_reuse(ctx, STAGE, run_pretrain, config, arguments,
                                          from_json=lambda r: CheckpointRef(**r), client=client, run_id=run_id, key=key,
                                          inputs=[base])
-        artifact_uri = log_checkpoint(client, run_id, checkpoint.uri, prior=prior)
+        record_checkpoint(client, run_id, checkpoint, prior=prior)
         client.log_artifact(run_id, f"{checkpoint.uri}/lineage.json")
-        tag_checkpoint(client, run_id, checkpoint, artifact_uri)
         return checkpoint
