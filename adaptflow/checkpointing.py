@@ -2,9 +2,15 @@
 
 Layout, under `<stage dir>/checkpoints/`, one directory per save (older ones pruned):
 
-    step-0000040/trainer_state.json      written last: a save without it is incomplete and ignored
+    step-0000040/trainer_state.json      step, how it was written, and the SHA-256 of every other file
     step-0000040/model.safetensors …     plain torch: an HF checkpoint plus optimizer.safetensors
     step-0000040/*_states.pt             DeepSpeed: its own per-rank files (ZeRO shards of the optimizer)
+
+A save is written whole under `.step-0000040.partial/`, its files flushed to disk, and renamed into place in
+one step; only then are older saves dropped. A process killed mid-write leaves a `.partial` directory that no
+reader looks at, and the previous save intact. On load every file is checked against the digests recorded in
+`trainer_state.json`: a save that was altered or damaged afterwards is skipped (with a warning) for the newest
+one that is intact.
 
 With a mirror (`checkpoint_mirror` in the recipe, e.g. `s3://bucket/prefix`), rank 0 copies each complete
 save there, and a rerun that finds no local save fetches the mirror's.
@@ -19,8 +25,11 @@ Nothing is ever unpickled on resume.
 from __future__ import annotations
 
 import enum
+import hashlib
 import importlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -30,6 +39,8 @@ from safetensors.torch import load_file, save_file
 
 from adaptflow import storage
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -37,23 +48,76 @@ def state_dir(directory: Path, step: int) -> Path:
     return directory / f"step-{step:07d}"
 
 
+def partial_dir(directory: Path, step: int) -> Path:
+    """Where the save of `step` is written before it is renamed to `state_dir`: invisible to readers."""
+    return directory / f".step-{step:07d}.partial"
+
+
 def latest_training_state(directory: Path) -> Path | None:
-    complete = [d for d in sorted(directory.glob("step-*")) if (d / STATE_FILE).is_file()]
-    return complete[-1] if complete else None
+    """The newest save that is complete and intact (every file matches its recorded digest)."""
+    for state in sorted(directory.glob("step-*"), reverse=True):
+        if not (state / STATE_FILE).is_file():
+            continue
+        if (problem := damage(state)) is None:
+            return state
+        log.warning("ignoring the save %s: %s; resuming from an earlier save if there is one", state, problem)
+    return None
 
 
-def mark_complete(directory: Path, step: int, **extra) -> None:
-    """Record that the save of `step` is whole, then drop older saves."""
-    target = state_dir(directory, step)
-    (target / STATE_FILE).write_text(json.dumps({"step": step, **extra}))
-    for older in directory.glob("step-*"):
+def damage(state: Path) -> str | None:
+    """What is wrong with a complete save's files, or None when each matches the digest recorded for it."""
+    try:
+        recorded = read_state(state).get("files")
+    except (OSError, ValueError) as err:
+        return f"its {STATE_FILE} is unreadable ({err})"
+    if recorded is None:
+        return None  # written before saves recorded digests
+    actual = _file_digests(state)
+    wrong = sorted(name for name in recorded.keys() | actual.keys() if recorded.get(name) != actual.get(name))
+    return None if not wrong else f"{len(wrong)} file(s) differ from the digests recorded at save time ({', '.join(wrong[:3])})"
+
+
+def seal(directory: Path, step: int, **extra) -> Path:
+    """Make the save written in `partial_dir(step)` the complete `state_dir(step)`: record the step and a digest
+    of every file, flush them to disk, rename the directory into place, then drop older and abandoned saves."""
+    partial, target = partial_dir(directory, step), state_dir(directory, step)
+    digests = _file_digests(partial)
+    (partial / STATE_FILE).write_text(json.dumps({"step": step, **extra, "files": digests}))
+    for path in partial.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    if target.exists():  # a save of the same step that failed verification, or from before a resume
+        shutil.rmtree(target)
+    os.replace(partial, target)
+    _fsync(directory)
+    for older in [*directory.glob("step-*"), *directory.glob(".step-*.partial")]:
         if older != target:
             shutil.rmtree(older, ignore_errors=True)
+    return target
 
 
 def read_state(state: Path) -> dict:
     """What a complete save recorded: its step, and how it was written (optimizer state or DeepSpeed layout)."""
     return json.loads((state / STATE_FILE).read_text())
+
+
+def _file_digests(directory: Path) -> dict[str, str]:
+    digests = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        digests[path.relative_to(directory).as_posix()] = h.hexdigest()
+    return digests
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def mirror_state(state: Path, mirror: str) -> None:
@@ -82,11 +146,12 @@ def save_training_state(directory: Path, step: int, model, tokenizer, optimizer)
     """Write `directory/step-<step>`: an HF checkpoint plus the optimizer state, both safetensors."""
     from adaptflow.models import save_checkpoint
 
-    target = state_dir(directory, step)
-    save_checkpoint(model, tokenizer, target, lineage={"stage": "resume", "step": step})
+    partial = partial_dir(directory, step)
+    shutil.rmtree(partial, ignore_errors=True)
+    save_checkpoint(model, tokenizer, partial, lineage={"stage": "resume", "step": step})
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, target / "optimizer.safetensors")
-    mark_complete(directory, step, optimizer=meta)
+    save_file(tensors, partial / "optimizer.safetensors")
+    seal(directory, step, optimizer=meta)
 
 
 def load_training_state(state: Path, model, optimizer) -> int:

@@ -30,11 +30,11 @@ import torch
 
 from adaptflow.checkpointing import (
     load_training_state,
-    mark_complete,
+    partial_dir,
     read_state,
     safetensors_checkpoint_engine,
     save_training_state,
-    state_dir,
+    seal,
 )
 from adaptflow.errors import ConfigError
 
@@ -226,13 +226,12 @@ class DeepSpeedEngine:
     def save_state(self, directory: Path, step: int, tokenizer) -> None:
         """Every rank writes its own ZeRO shard (DeepSpeed's checkpoint layout, safetensors inside)."""
         directory.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(directory), tag=state_dir(directory, step).name, save_latest=False)
+        self.engine.save_checkpoint(str(directory), tag=partial_dir(directory, step).name, save_latest=False)
         self.runtime.barrier()
         if self.runtime.is_main:
             for script in directory.glob("zero_to_*.py"):  # DeepSpeed's converters read torch.save files only
                 script.unlink()
-            mark_complete(directory, step, deepspeed=True, world_size=self.runtime.world_size,
-                          zero_stage=self.zero_stage)
+            seal(directory, step, deepspeed=True, world_size=self.runtime.world_size, zero_stage=self.zero_stage)
         self.runtime.barrier()
 
     def load_state(self, state: Path) -> int:

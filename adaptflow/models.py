@@ -63,6 +63,19 @@ def checkpoint_digest(checkpoint_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def verified_path(ref: CheckpointRef | str) -> str:
+    """The checkpoint directory of `ref`, after checking its weights still have the digest recorded when it was
+    written (a reference without a digest, or a plain path, is taken as it is)."""
+    if not isinstance(ref, CheckpointRef):
+        return str(ref)
+    if ref.digest and (actual := checkpoint_digest(ref.uri)) != ref.digest:
+        fix = ("restore it, or point model.path at an intact checkpoint" if ref.stage == "base" else
+               f"rerun from that stage (adaptflow rerun --from {ref.stage}) or restore the directory")
+        raise DataError(f"the {ref.stage} checkpoint {ref.uri} has weights with digest {actual}, not the "
+                        f"{ref.digest} recorded when it was written: it was modified or damaged since; {fix}")
+    return ref.uri
+
+
 def materialize_base_model(
     config: ModelConfig, *, out_dir: str | Path, tokenizer_texts: list[str] | None, seed: int
 ) -> CheckpointRef:
@@ -210,7 +223,7 @@ def load_model(ref: CheckpointRef | str, objective: str, *, seed: int = 0, trust
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    path = ref.uri if isinstance(ref, CheckpointRef) else ref
+    path = verified_path(ref)
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     with quiet_transformers(), torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -268,7 +281,7 @@ def load_task_model(
     import transformers
     from transformers import AutoTokenizer
 
-    path = ref.uri if isinstance(ref, CheckpointRef) else ref
+    path = verified_path(ref)
     auto = getattr(transformers, TASK_AUTO_CLASSES[kind])
     kwargs = {}
     if kind != "sft":
