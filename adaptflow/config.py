@@ -59,6 +59,9 @@ class ModelConfig(Section):
     path: str | None = None
     tiny: TinyModelConfig | None = None
     trust_remote_code: bool = False
+    # Weights only as pickle (pytorch_model*.bin) are refused: unpickling a file can run code. Set this only for
+    # a checkpoint you trust; it is then read with torch's tensors-only unpickler and converted to safetensors.
+    allow_pickle_weights: bool = False
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelConfig:
@@ -168,6 +171,56 @@ class EarlyStoppingConfig(Section):
     restore_best: bool = True
 
 
+class ActiveLearningConfig(Section):
+    """Active-learning selection of the training examples of `task` (its train split is the pool).
+
+    Round 0 labels `initial` random examples; each of the `rounds` that follow fine-tunes on everything selected
+    so far and adds a batch chosen by `strategy` with that model, until `budget` examples are selected. Batch
+    sizes grow `linear`ly (equal batches) or `geometric`ally (e.g. 100 → 200 → 400 → 800). `pool_max` scores
+    at most that many random unselected examples per round (speed); `evaluate_final` also fine-tunes on the
+    whole budget, so the learning curve ends at `budget`.
+    """
+
+    enabled: bool = True
+    task: str
+    strategy: Literal["random", "entropy", "margin", "kcenter"] = "entropy"
+    budget: PositiveInt = 800
+    initial: PositiveInt = 100
+    rounds: PositiveInt = 3
+    growth: Literal["linear", "geometric"] = "linear"
+    pool_max: PositiveInt | None = None
+    evaluate_final: bool = True
+
+    @model_validator(mode="after")
+    def _budget_fits_rounds(self) -> ActiveLearningConfig:
+        if self.budget < self.initial + self.rounds:
+            raise ValueError(
+                f"budget ({self.budget}) must be at least initial ({self.initial}) + rounds ({self.rounds}), so "
+                "every round selects at least one example; raise budget, or lower initial or rounds"
+            )
+        sizes = self.sizes()
+        largest = max(sizes[i + 1] - sizes[i] for i in range(self.rounds))
+        if self.pool_max is not None and self.pool_max < largest:
+            raise ValueError(
+                f"pool_max ({self.pool_max}) must be at least the largest round's batch ({largest}), or that round "
+                "could not find enough candidates; raise pool_max or remove it (score the whole pool)"
+            )
+        return self
+
+    def sizes(self) -> list[int]:
+        """Labelled examples after each round: `initial`, …, `budget` (strictly increasing, `rounds` + 1 values)."""
+        extra = self.budget - self.initial
+        sizes = [self.initial]
+        for r in range(1, self.rounds + 1):
+            if self.growth == "linear":
+                raw = self.initial + round(extra * r / self.rounds)
+            else:
+                raw = round(self.initial * (self.budget / self.initial) ** (r / self.rounds))
+            # Rounding must not leave a round empty nor leave later rounds without an example each.
+            sizes.append(min(max(raw, sizes[-1] + 1), self.budget - (self.rounds - r)))
+        return sizes
+
+
 class FinetuneConfig(Section):
     """Task fine-tuning with one strategy (full, a PEFT method, adapters, feature extraction, gradual unfreezing)."""
 
@@ -256,6 +309,117 @@ class AdaptConfig(Section):
     max_eval_examples: PositiveInt = 1000
     guard: GuardConfig = GuardConfig()
     seed: int | None = None
+
+
+class SelfInstructConfig(Section):
+    """Self-Instruct (Wang et al. 2022) for decoders: the model grows an instruction dataset from the train
+    split of `seed_task` (an sft task). Each round samples new instructions from a prompt listing
+    `seed_examples` seed and `generated_examples` generated ones, keeps those that pass the length, keyword
+    and ROUGE-L filters, and answers each with the fine-tuning prompt template (after `response_examples`
+    seed demonstrations). Stops at `target_size` kept or `max_attempts` candidates, whichever comes first."""
+
+    enabled: bool = True
+    seed_task: str
+    target_size: PositiveInt = 500
+    max_attempts: PositiveInt | None = None  # candidate instructions sampled at most; default 20 × target_size
+    batch_size: PositiveInt = 16  # prompts sampled per generate call (one round)
+    header: str = "Come up with a series of tasks:"
+    seed_examples: Annotated[int, Field(ge=0)] = 6
+    generated_examples: Annotated[int, Field(ge=0)] = 2
+    response_examples: Annotated[int, Field(ge=0)] = 2
+    max_new_tokens: PositiveInt = 64  # per instruction (one line)
+    response_max_new_tokens: PositiveInt = 256
+    temperature: PositiveFloat = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.5
+    max_rouge_l: Annotated[float, Field(gt=0, le=1)] = 0.7  # keep an instruction only below this with every other
+    min_words: PositiveInt = 4
+    max_words: PositiveInt = 150
+    max_response_words: PositiveInt = 300
+    # Whole words or phrases, case-insensitive: tasks a text-only model cannot do (the paper's list).
+    forbidden_keywords: list[str] = Field(default_factory=lambda: [
+        "image", "images", "picture", "pictures", "graph", "graphs", "file", "files", "map", "maps", "draw",
+        "plot", "go to"])
+    seed: int | None = None  # default: the recipe's seed
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SelfInstructConfig:
+        if self.seed_examples + self.generated_examples == 0:
+            raise ValueError("seed_examples + generated_examples must be > 0: the model needs examples to continue")
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        if self.max_attempts is not None and self.max_attempts < self.target_size:
+            raise ValueError(f"max_attempts ({self.max_attempts}) must be >= target_size ({self.target_size}); "
+                             "most candidates are filtered out, so allow several attempts per kept instruction")
+        if any(not keyword.strip() for keyword in self.forbidden_keywords):
+            raise ValueError("forbidden_keywords must not contain empty strings (they would match everything)")
+        return self
+
+    @property
+    def attempts_cap(self) -> int:
+        return self.max_attempts if self.max_attempts is not None else 20 * self.target_size
+
+
+class NearDuplicatesConfig(Section):
+    """Near-duplicate removal: MinHash LSH over word shingles of the normalised text (case and punctuation ignored).
+    A document whose estimated Jaccard similarity to an earlier kept one is at least `threshold` is dropped, so
+    the first document of each cluster stays."""
+
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.8  # Jaccard similarity of the shingle sets
+    num_perm: Annotated[int, Field(ge=16, le=1024)] = 128  # MinHash permutations: more = sharper estimate, slower
+    shingle_words: Annotated[int, Field(ge=1, le=32)] = 5  # words per shingle (documents shorter: one shingle)
+
+
+class DecontaminateConfig(Section):
+    """Drop corpus documents that share a word n-gram with an evaluated task text (GPT-3's 13-gram rule), compared
+    after NFKC, case-folding and turning punctuation into spaces. The flow passes the texts of every task split the
+    recipe evaluates. An evaluation text shorter than `ngram` words must appear whole in a document (and a document
+    shorter than `ngram` whole in an evaluation text); texts shorter than `min_ngram` words are not checked: that
+    few words cannot tell a leak from a common phrase."""
+
+    enabled: bool = True
+    ngram: Annotated[int, Field(ge=1, le=64)] = 13
+    min_ngram: Annotated[int, Field(ge=1, le=64)] = 8  # GPT-3 used 8 to 13 words
+
+    @model_validator(mode="after")
+    def _min_below_ngram(self) -> DecontaminateConfig:
+        if self.min_ngram > self.ngram:
+            raise ValueError(f"min_ngram ({self.min_ngram}) must be at most ngram ({self.ngram}); lower min_ngram")
+        return self
+
+
+class CurateConfig(Section):
+    """Corpus curation before continued pretraining. Filters run in this order, each on what the previous kept:
+    strip markup → drop boilerplate lines → length and quality rules → exact duplicates → near duplicates →
+    decontamination against the evaluation sets. The rules are language-agnostic (Gopher-style ratios, no word
+    lists; "words" are whitespace-separated). A null value turns its rule off."""
+
+    enabled: bool = True
+    corpus: str = "domain"  # the corpus to curate
+    strip_markup: bool = True  # HTML/XML tags, comments, script/style blocks; entities decoded
+    # A line found verbatim (whitespace aside) in at least this many multi-line documents, or this fraction of all
+    # documents when below 1, is boilerplate (headers, footers, navigation) and is removed from every document.
+    boilerplate_min_docs: int | float | None = 10
+    min_words: PositiveInt = 20  # documents with fewer words are dropped
+    max_words: PositiveInt | None = None
+    min_alpha_word_ratio: Fraction | None = 0.8  # Gopher: share of words with at least one letter
+    max_digit_ratio: Fraction | None = 0.25  # share of digits among non-space characters (tables, listings)
+    max_symbol_word_ratio: Annotated[float, Field(ge=0)] | None = 0.1  # Gopher: '#', '...' and '…' per word
+    max_duplicate_line_ratio: Fraction | None = 0.3  # Gopher: share of a document's lines repeating an earlier one
+    exact_duplicates: bool = True  # drop later copies of a document (compared after stripping whitespace)
+    near_duplicates: NearDuplicatesConfig | None = NearDuplicatesConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CurateConfig:
+        if self.max_words is not None and self.max_words < self.min_words:
+            raise ValueError(f"max_words ({self.max_words}) must be at least min_words ({self.min_words})")
+        value = self.boilerplate_min_docs
+        if value is not None and not (0 < value < 1 or (value >= 2 and float(value).is_integer())):
+            raise ValueError(
+                f"boilerplate_min_docs must be a whole number of documents (at least 2) or a fraction of the corpus "
+                f"between 0 and 1, got {value}; null turns boilerplate removal off"
+            )
+        return self
 
 
 class StagesConfig(Section):

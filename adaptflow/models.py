@@ -87,6 +87,10 @@ def materialize_base_model(
                 f"model.path {path} is not a Hugging Face checkpoint (no config.json); "
                 "give a directory written by save_pretrained, or use model.name: minilm"
             )
+        if pickle_weights(path) and not any(Path(path).glob("*.safetensors")):
+            if not config.allow_pickle_weights:
+                raise DataError(f"model.path: {pickle_refusal(path)}")
+            path = convert_pickle_weights(path, out_dir=out_dir)
         return CheckpointRef(uri=str(path), digest=checkpoint_digest(path), stage="base")
 
     if not tokenizer_texts:
@@ -100,6 +104,54 @@ def materialize_base_model(
     if not (target / LINEAGE_FILE).is_file():
         save_checkpoint(model, tokenizer, target, lineage={"stage": "base", "tiny": config.tiny.model_dump()})
     return CheckpointRef(uri=str(target), digest=checkpoint_digest(target), stage="base")
+
+
+def pickle_weights(path: str | Path) -> list[Path]:
+    """The pickle-based weight files (`pytorch_model*.bin`) of a checkpoint directory."""
+    return sorted(Path(path).glob("pytorch_model*.bin"))
+
+
+def pickle_refusal(path: str | Path) -> str:
+    names = ", ".join(p.name for p in pickle_weights(path))
+    return (f"{path} holds its weights only as pickle ({names}), and unpickling a file can run code, so it is not "
+            "loaded. Convert it to safetensors (save_pretrained(..., safe_serialization=True)) or, for a checkpoint "
+            "you trust, set model.allow_pickle_weights: true to have it converted once")
+
+
+def convert_pickle_weights(path: str | Path, *, out_dir: str | Path) -> Path:
+    """Copy the checkpoint at `path` to `out_dir/converted-<digest>` with its pickle weights rewritten as
+    safetensors (once per distinct file), reading them with torch's tensors-only unpickler."""
+    from safetensors.torch import save_file
+
+    files = pickle_weights(path)
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    target = Path(out_dir) / f"converted-{h.hexdigest()[:12]}"
+    if (target / LINEAGE_FILE).is_file():
+        return target
+    log.warning(
+        "model.allow_pickle_weights is on: reading %s (pickle) with torch.load(weights_only=True) and converting "
+        "it to safetensors in %s. Only do this for a checkpoint you trust", ", ".join(map(str, files)), target
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(path, tmp, ignore=shutil.ignore_patterns("pytorch_model*.bin", "pytorch_model*.bin.index.json"))
+        # Tied weights share storage in the pickle; safetensors stores each tensor on its own.
+        save_file({name: t.detach().clone().contiguous() for name, t in tensors.items()}, tmp / "model.safetensors")
+        (tmp / LINEAGE_FILE).write_text(json.dumps({"stage": "base", "converted_from": str(path),
+                                                    "pickle_sha256": h.hexdigest()}, indent=2))
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def train_tokenizer(texts: list[str], tiny: TinyModelConfig):

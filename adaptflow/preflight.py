@@ -8,6 +8,7 @@ from pathlib import Path
 
 from adaptflow.config import Recipe
 from adaptflow.errors import DataError
+from adaptflow.models import pickle_refusal, pickle_weights
 from adaptflow.storage import exists, is_s3, open_input
 
 
@@ -34,7 +35,10 @@ def preflight_problems(recipe: Recipe, tracking_uri: str | None = None) -> list[
         elif not (path / "config.json").is_file():
             problems.append(f"model.path: {path} has no config.json; it must be a save_pretrained directory")
         elif not any(path.glob("*.safetensors")):
-            problems.append(f"model.path: {path} holds no *.safetensors weights (.bin files are never unpickled)")
+            if not pickle_weights(path):
+                problems.append(f"model.path: {path} holds no weights (no *.safetensors file)")
+            elif not recipe.model.allow_pickle_weights:
+                problems.append(f"model.path: {pickle_refusal(path)}")
         elif problem := _vocabulary_problem(path, recipe.model.trust_remote_code):
             problems.append(f"model.path: {problem}")
     distributed = recipe.distributed

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from adaptflow.data import PreparedCorpus, load_texts, prepare_corpus
 from adaptflow.labelled import TaskSplits, label_counts, load_records, prepare_task
-from adaptflow.models import materialize_base_model
+from adaptflow.models import materialize_base_model, read_lineage
 from adaptflow.refs import CheckpointRef
 from adaptflow.tracking import log_dataset, metrics_logger
 from tasks import BuildContext, stage_run, stage_task
@@ -77,4 +77,6 @@ def prepare_model(ctx: BuildContext, data: PreparedInputs) -> CheckpointRef:
     client = ctx.tracking.client()
     client.set_tag(ctx.build_run_id, "adaptflow.base_model.uri", base.uri)
     client.set_tag(ctx.build_run_id, "adaptflow.base_model.digest", base.digest)
+    if converted_from := read_lineage(base.uri).get("converted_from"):
+        client.set_tag(ctx.build_run_id, "adaptflow.base_model.converted_from_pickle", converted_from)
     return base

@@ -126,8 +126,8 @@ def test_base_model_path_without_weights(tmp_path):
     write(model / "config.json", '{"model_type": "bert"}')
     write(model / "pytorch_model.bin", b"pickled weights are never loaded")
     code, out = build(tmp_path, "model.tiny=null", f"model.path={model}")
-    assert_refused(tmp_path, code, out, exit_code=2, says=["holds no *.safetensors weights",
-                                                          ".bin files are never unpickled"])
+    assert_refused(tmp_path, code, out, exit_code=2, says=["holds its weights only as pickle (pytorch_model.bin)",
+                                                          "set model.allow_pickle_weights: true"])
 
 
 def test_a_gate_on_a_stage_that_is_disabled(tmp_path):

@@ -7,12 +7,15 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from adaptflow import storage
 from adaptflow.config import load_recipe
-from adaptflow.errors import RecipeError
+from adaptflow.errors import DataError, RecipeError
+from adaptflow.models import load_model, materialize_base_model, pickle_refusal
+from adaptflow.preflight import preflight_problems
 from flows.cli import app
 from tests.conftest import DOMAINS
 
@@ -99,3 +102,40 @@ def test_remote_code_is_off_by_default_and_loud_when_on(tmp_path, tiny_overrides
                for r in caplog.records)
     assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.tags[
         "adaptflow.trust_remote_code"] == "true"
+
+
+def test_pickle_weights_are_refused_unless_the_recipe_allows_them_and_then_converted_once(tmp_path, tiny_bert,
+                                                                                         caplog):
+    """A checkpoint with only `pytorch_model.bin` is refused (preflight and loader); with
+    `model.allow_pickle_weights` it is read tensors-only, converted to safetensors once, and logged loudly."""
+    model, tokenizer = tiny_bert
+    pickled = tmp_path / "pickled"
+    model.config.save_pretrained(pickled)
+    tokenizer.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # how older checkpoints were written
+
+    refused = load_recipe(DOMAINS / "tiny.yaml", ["model.tiny=null", f"model.path={pickled}"])
+    assert preflight_problems(refused, f"sqlite:///{tmp_path / 'mlflow.db'}") == [
+        f"model.path: {pickle_refusal(pickled)}"]
+    with pytest.raises(DataError, match=r"holds its weights only as pickle \(pytorch_model.bin\).*"
+                                        r"model.allow_pickle_weights: true"):
+        materialize_base_model(refused.model, out_dir=tmp_path / "models", tokenizer_texts=None, seed=0)
+    assert not (tmp_path / "models").exists()
+
+    allowed = load_recipe(DOMAINS / "tiny.yaml", ["model.tiny=null", f"model.path={pickled}",
+                                                  "model.allow_pickle_weights=true"])
+    assert preflight_problems(allowed, f"sqlite:///{tmp_path / 'mlflow.db'}") == []
+    with caplog.at_level(logging.WARNING, logger="adaptflow.models"):
+        ref = materialize_base_model(allowed.model, out_dir=tmp_path / "models", tokenizer_texts=None, seed=0)
+    assert "model.allow_pickle_weights is on" in caplog.text and "only do this for a checkpoint you trust" in \
+        caplog.text.lower()
+    converted = Path(ref.uri)
+    assert sorted(p.name for p in converted.glob("*.safetensors")) == ["model.safetensors"]
+    assert not list(converted.glob("*.bin"))
+    loaded, _ = load_model(ref, "mlm")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, msg=name)
+
+    caplog.clear()
+    again = materialize_base_model(allowed.model, out_dir=tmp_path / "models", tokenizer_texts=None, seed=0)
+    assert again == ref and "allow_pickle_weights" not in caplog.text, "converted once, then reused"
