@@ -147,7 +147,10 @@ def convert_pickle_weights(path: str | Path, *, out_dir: str | Path) -> Path:
         save_file({name: t.detach().clone().contiguous() for name, t in tensors.items()}, tmp / "model.safetensors")
         (tmp / LINEAGE_FILE).write_text(json.dumps({"stage": "base", "converted_from": str(path),
                                                     "pickle_sha256": h.hexdigest()}, indent=2))
-        os.replace(tmp, target)
+        if (target / LINEAGE_FILE).is_file():  # another build converted the same file meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -408,6 +411,10 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, lineage: dict) -> 
             tokenizer.save_pretrained(tmp)
         digest = checkpoint_digest(tmp)
         (tmp / LINEAGE_FILE).write_text(json.dumps({**lineage, "digest": digest}, indent=2, default=str))
+        if read_lineage(out_dir).get("digest") == digest:
+            # The same weights are already there (another build saved them first, and may be reading them).
+            shutil.rmtree(tmp)
+            return digest
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

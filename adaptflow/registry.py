@@ -87,10 +87,17 @@ def register_build(client, *, run_id: str, checkpoint: CheckpointRef, kind: str,
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    version = client.create_model_version(model_name, source, run_id=run_id, tags=tags).version
+    version = str(client.create_model_version(model_name, source, run_id=run_id, tags=tags).version)
+    # Versions are numbered in registration order; of two builds finishing together the later one is the
+    # challenger, whichever sets the alias last.
+    current = _alias_version(client, model_name, CHALLENGER)
+    if current is not None and int(current) > int(version):
+        log.warning("registered %s version %s; %s stays on the newer version %s (another build registered it "
+                    "meanwhile)", model_name, version, CHALLENGER, current)
+        return version
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     log.info("registered %s version %s (%s) as %s", model_name, version, task, CHALLENGER)
-    return str(version)
+    return version
 
 
 # ------------------------------------------------------------------------------------ promotion
@@ -102,10 +109,18 @@ class PromotionRefused(AdaptflowError, RuntimeError):
     """The champion alias was not moved (gates failed, nothing to roll back to, …); the reason is recorded."""
 
 
+ANY = "any"  # `promote(expected_champion=ANY)`: the decision does not depend on which version is champion
+
+
 def promote(client, model_name: str, *, version: str | None = None, force: bool = False, reason: str | None = None,
-            user: str | None = None) -> dict:
+            user: str | None = None, expected_champion: str | None = ANY) -> dict:
     """Point `champion` at `version` (default: the `challenger`) when its gates passed, or when `force`d with a
-    `reason`. Every decision, refusals included, is an audit run; nothing is deleted. Returns the record."""
+    `reason`. Every decision, refusals included, is an audit run; nothing is deleted. Returns the record.
+
+    `expected_champion` is the champion the decision was based on (the version a build's evaluation compared
+    against, None for "there was none"): if another build or person moved the alias since, the decision is stale
+    and the move is refused. The registry has no compare-and-set, so this is a re-read just before the move,
+    leaving a window of one request."""
     if force and not reason:
         raise ConfigError("a forced promotion needs a reason (--reason TEXT): it is recorded with the move")
     version = str(version or _alias_version(client, model_name, CHALLENGER) or "")
@@ -123,6 +138,13 @@ def promote(client, model_name: str, *, version: str | None = None, force: bool 
         _audit(client, record)
         raise PromotionRefused(f"{model_name} version {version} stays out of service: {record['reason']} "
                                f"({CHAMPION} remains {previous or 'unset'}; --force --reason TEXT overrides)")
+    if expected_champion != ANY and (current := _alias_version(client, model_name, CHAMPION)) != expected_champion:
+        record |= {"previous": current, "action": "refused",
+                   "reason": f"{CHAMPION} moved from {expected_champion or 'unset'} to {current or 'unset'} after this "
+                             "decision was made against it"}
+        _audit(client, record)
+        raise PromotionRefused(f"{model_name} version {version} was not promoted: {record['reason']}; compare "
+                               f"against the new {CHAMPION} (rebuild), or promote by hand")
     client.set_registered_model_alias(model_name, CHAMPION, version)
     record |= {"action": "promote", "reason": reason or f"gates {verdict}"}
     _audit(client, record)

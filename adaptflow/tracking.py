@@ -12,6 +12,8 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,28 @@ class TrackingTarget:
     def client(self):
         from mlflow import MlflowClient
 
-        return MlflowClient(tracking_uri=self.uri)
+        if not self.uri.startswith("sqlite:///"):
+            return MlflowClient(tracking_uri=self.uri)
+        with _sqlite_schema_lock(Path(self.uri.removeprefix("sqlite:///"))):
+            client = MlflowClient(tracking_uri=self.uri)  # opens the tracking store
+            client._get_registry_client().store  # noqa: B018 - and the registry's: both create or migrate tables
+        return client
+
+
+@contextmanager
+def _sqlite_schema_lock(database: Path) -> Iterator[None]:
+    """One process at a time opens an SQLite store: opening it creates or migrates its schema, and two builds
+    doing that at once fail ("table _alembic_tmp_experiments already exists"). MLflow keeps an opened store for
+    the rest of the process, so only a process's first client waits."""
+    import fcntl
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(f".{database.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def resolve_tracking(config: TrackingConfig, workdir: str | Path, override: str | None = None) -> TrackingTarget:
@@ -140,7 +163,15 @@ def log_dataset(client, run_id: str, ref: DatasetRef, *, context: str, source_ur
         source=source.to_json(),
         profile=json.dumps(profile),
     )
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except Exception as err:
+        # The store looks the dataset up, then inserts it: another build logging the same dataset in between
+        # wins the insert. The dataset now exists; logging again links it to this run.
+        if "UNIQUE constraint failed: datasets" not in str(err) and "Duplicate entry" not in str(err):
+            raise
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def log_directory(client, run_id: str, local_dir: str | Path, artifact_path: str) -> str:

@@ -84,7 +84,7 @@ def run_or_launch(ctx: BuildContext, stage: str, run, config, arguments: dict, *
         client.set_tag(run_id, "adaptflow.world_size", 1)
         return run(config, **arguments, log_metrics=metrics_logger(client, run_id), progress=ctx.progress)
     result = launch_stage(stage, {"config": config.model_dump(mode="json")} | jsonable(arguments),
-                          distributed=distributed, job_dir=ctx.workdir / "launch" / f"{stage}-{key}",
+                          distributed=distributed, job_dir=Path(arguments["work_dir"]).parent / "launch" / f"{stage}-{key}",
                           tracking={"uri": ctx.tracking.uri, "run_id": run_id})
     client.set_tag(run_id, "adaptflow.world_size", result.pop("world_size"))
     return from_json(result)
@@ -98,26 +98,55 @@ def run_or_reuse(ctx: BuildContext, stage: str, run, config, arguments: dict, *,
     from adaptflow.reuse import REUSED_FROM, find_reusable, localise, record_result
     from adaptflow.tracking import metrics_logger
 
-    if ctx.may_reuse(stage) and (prior := find_reusable(client, ctx.experiment_id, key)) is not None:
-        try:
-            localised = localise(client, prior, ctx.workdir / "stages" / f"{stage}-{key}",
-                                 inputs=[ref.to_dict() for ref in inputs])
-        except (OSError, ValueError) as err:
-            log.warning("%s: run %s has the same cache key but cannot be reused (%s): computing it", stage,
-                        prior.run_id, err)
-        else:
-            log.info("%s: reusing run %s (cache key %s)", stage, prior.run_id, key)
-            client.set_tag(run_id, REUSED_FROM, prior.run_id)
-            metrics_logger(client, run_id)(0, prior.metrics | {COMPUTE_SECONDS: 0.0})  # nothing computed here
-            return from_json(localised), prior
-    if stage == "pretrain":  # the only stage with resumable saves: a forced recompute starts from step 0
-        arguments = arguments | {"resume": ctx.may_reuse(stage)}
-    started = time.perf_counter()
-    result = run_or_launch(ctx, stage, run, config, arguments, from_json=from_json, client=client, run_id=run_id,
-                           key=key)
+    with claimed_work_dir(ctx, stage, key) as work_dir:
+        client.set_tag(run_id, "adaptflow.work_dir", str(work_dir / f"{stage}-{key}"))
+        if ctx.may_reuse(stage) and (prior := find_reusable(client, ctx.experiment_id, key)) is not None:
+            try:
+                localised = localise(client, prior, work_dir / f"{stage}-{key}", inputs=[ref.to_dict() for ref in inputs])
+            except (OSError, ValueError) as err:
+                log.warning("%s: run %s has the same cache key but cannot be reused (%s): computing it", stage,
+                            prior.run_id, err)
+            else:
+                log.info("%s: reusing run %s (cache key %s)", stage, prior.run_id, key)
+                client.set_tag(run_id, REUSED_FROM, prior.run_id)
+                metrics_logger(client, run_id)(0, prior.metrics | {COMPUTE_SECONDS: 0.0})  # nothing computed here
+                return from_json(localised), prior
+        arguments = arguments | {"work_dir": work_dir}
+        if stage == "pretrain":  # the only stage with resumable saves: a forced recompute starts from step 0
+            arguments |= {"resume": ctx.may_reuse(stage)}
+        started = time.perf_counter()
+        result = run_or_launch(ctx, stage, run, config, arguments, from_json=from_json, client=client, run_id=run_id,
+                               key=key)
     client.log_metric(run_id, COMPUTE_SECONDS, time.perf_counter() - started)
     record_result(client, run_id, jsonable(dataclasses.asdict(result)))
     return result, None
+
+
+@contextmanager
+def claimed_work_dir(ctx: BuildContext, stage: str, key: str) -> Iterator[Path]:
+    """Where `stage` (with cache key `key`) writes: the shared `stages/` folder, where a rerun finds the saves of a
+    killed run to resume from, or, while another live build is running the same stage with the same inputs, a
+    folder of this build's own, so the two never write into one directory.
+
+    The claim is an exclusive `flock` on `stages/.<stage>-<key>.lock`, held for the stage's duration; the kernel
+    drops it when the holder dies, so a killed build never blocks the next."""
+    import fcntl
+
+    shared = ctx.workdir / "stages"
+    shared.mkdir(parents=True, exist_ok=True)
+    with open(shared / f".{stage}-{key}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            private = ctx.workdir / "builds" / ctx.build_run_id / "stages"
+            log.warning("%s: another build is running this stage with the same inputs (cache key %s) in %s; this "
+                        "build works in %s instead", stage, key, shared, private)
+            yield private
+            return
+        try:
+            yield shared
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def record_checkpoint(client, run_id: str, checkpoint: CheckpointRef, *, prior, upload: str | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from adaptflow.models import infer_objective
 from adaptflow.refs import CheckpointRef, EvalReport
-from adaptflow.registry import PromotionRefused, promote, register_build, version_tags
+from adaptflow.registry import ANY, PromotionRefused, promote, register_build, version_tags
 from tasks import BuildContext, stage_task
 
 
@@ -26,8 +26,19 @@ def register(ctx: BuildContext, model: CheckpointRef, kind: str | None, report: 
     client.set_tag(ctx.build_run_id, "adaptflow.registered_model", f"{name}/{version}")
     if ctx.recipe.registry.auto_promote:
         try:
-            decision = promote(client, name, version=version, reason="auto-promotion (gates passed)", user="adaptflow")
+            decision = promote(client, name, version=version, reason="auto-promotion (gates passed)", user="adaptflow",
+                               expected_champion=compared_champion(report))
         except PromotionRefused as refused:  # recorded in the audit trail; the build itself succeeded
             decision = {"action": "refused", "reason": str(refused)}
         client.set_tag(ctx.build_run_id, "adaptflow.promotion", f"{decision['action']}: {decision['reason']}")
     return version
+
+
+def compared_champion(report: EvalReport | None) -> str | None:
+    """The champion version the build's gates were judged against (None: there was none), or ANY when no gate
+    compared against a champion."""
+    gates = {gate["name"] for gate in report.gates} if report is not None else set()
+    if "min_gain_over_champion" not in gates:
+        return ANY
+    version = report.metrics.get("champion_version")
+    return None if version is None else str(int(version))
