@@ -106,3 +106,17 @@ def test_the_promote_flow_applies_the_same_rules(registry):
     with pytest.raises(PromotionRefused):
         promote_flow(MODEL, uri)
     assert champion(client) == "1" and audit_trail(client, MODEL)[-1]["by"] == "prefect"
+
+
+def test_a_promotion_judged_against_a_champion_that_has_since_moved_is_refused(registry):
+    client, add, _ = registry
+    first = add("passed")
+    second = add("passed")  # judged while there was no champion yet …
+    promote(client, MODEL, version=first, user="other build", expected_champion=None)  # … which then moved
+    with pytest.raises(PromotionRefused, match=rf"champion moved from unset to {first} after this decision"):
+        promote(client, MODEL, version=second, user="ci", expected_champion=None)
+    assert champion(client) == first
+    refused = audit_trail(client, MODEL)[-1]
+    assert (refused["action"], refused["version"], refused["previous"]) == ("refused", second, first)
+    promote(client, MODEL, version=second, user="ci", expected_champion=first)  # judged against the right one
+    assert champion(client) == second
