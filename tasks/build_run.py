@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +28,10 @@ from adaptflow.tracking import (
 from tasks import BuildContext
 
 log = logging.getLogger("adaptflow.build")  # under "adaptflow": shown in Prefect's run logs
+
+HEARTBEAT = "adaptflow.heartbeat"
+HEARTBEAT_SECONDS = 60  # a live build stamps its run this often …
+STALE_AFTER_SECONDS = 15 * 60  # … so one silent this long, on a host we cannot check, is dead
 
 
 @contextmanager
@@ -71,8 +77,9 @@ def build_run(
         resolved = recipe.model_dump(mode="json")
         log_params(client, run_id, flatten(resolved))
         client.log_dict(run_id, redact_tree(resolved), RECIPE_ARTIFACT)  # what `adaptflow rerun` starts from
-        yield BuildContext(recipe, tracking, experiment_id, run_id, progress, reuse=reuse,
-                           recompute_from=recompute_from)
+        with heartbeat(client, run_id):
+            yield BuildContext(recipe, tracking, experiment_id, run_id, progress, reuse=reuse,
+                               recompute_from=recompute_from)
     except Exception:
         _publish_report(client, run_id, "FAILED")
         end_run(client, run_id, failed=True)
@@ -87,8 +94,8 @@ def build_run(
 def close_crashed_attempts(client, experiment_id: str, flow_run_id: str | None) -> None:
     """Builds that died without closing their runs (SIGKILL, a lost node): their build and stage runs were left
     RUNNING. Mark them KILLED, so nothing looks alive that is not. A build is known dead when its Prefect flow run
-    is being retried (`prefect flow-run retry`: same flow run id), or when it ran on this host and its process is
-    gone."""
+    is being retried (`prefect flow-run retry`: same flow run id), when it ran on this host and its process is
+    gone, or, on another host, when its heartbeat has been silent for `STALE_AFTER_SECONDS`."""
     from adaptflow.tracking import child_runs
 
     running = client.search_runs([experiment_id], filter_string="tags.`adaptflow.kind` = 'build' and "
@@ -99,12 +106,46 @@ def close_crashed_attempts(client, experiment_id: str, flow_run_id: str | None) 
             why = "its flow run crashed and was retried"
         elif tags.get("adaptflow.host") == socket.gethostname() and not _alive(tags.get("adaptflow.pid")):
             why = f"its process ({tags.get('adaptflow.pid')}) on this host is gone"
+        elif (silent := _silent_seconds(tags.get(HEARTBEAT))) > STALE_AFTER_SECONDS:
+            why = f"no heartbeat from {tags.get('adaptflow.host', 'its host')} for {silent / 60:.0f} min"
         else:
             continue
         for run in [*child_runs(client, build, status="RUNNING"), build]:
             client.set_tag(run.info.run_id, "adaptflow.note", f"killed: {why}")
             client.set_terminated(run.info.run_id, status="KILLED")
         log.warning("build run %s was left running (%s): marked KILLED", build.info.run_id, why)
+
+
+@contextmanager
+def heartbeat(client, run_id: str) -> Iterator[None]:
+    """Stamp the run with the time every `HEARTBEAT_SECONDS` while the block runs (from a daemon thread, so a
+    long stage or a launched one keeps it going), for the sweeper on other hosts."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                client.set_tag(run_id, HEARTBEAT, f"{time.time():.0f}")
+            except Exception as err:  # noqa: BLE001 - a missed beat is not a failed build; the next one may land
+                log.debug("heartbeat of run %s not recorded: %s", run_id, err)
+            if stop.wait(HEARTBEAT_SECONDS):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def _silent_seconds(stamp: str | None) -> float:
+    """Seconds since a heartbeat stamp; 0 when there is none (a build from before heartbeats: leave it alone)."""
+    try:
+        return time.time() - float(stamp)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _alive(pid: str | None) -> bool:

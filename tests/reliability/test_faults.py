@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,12 @@ from adaptflow.errors import DataError
 from adaptflow.models import load_model
 from adaptflow.stages.pretrain import run_pretrain
 from adaptflow.tracking import ensure_experiment, start_run
-from tasks.build_run import build_run
+from tasks.build_run import HEARTBEAT, STALE_AFTER_SECONDS, build_run
 from tests.conftest import DOMAINS, ROOT
 from tests.test_train import ABSTRACTS, assert_same_weights, base_model, pretrain
 
 
-def test_runs_of_a_build_killed_on_this_host_are_closed_by_the_next_build(tmp_path, tiny_overrides):
+def test_runs_of_a_build_killed_here_or_silent_elsewhere_are_closed_by_the_next_build(tmp_path, tiny_overrides):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(db)
     experiment = ensure_experiment(client, "adaptflow-tiny", str(tmp_path / "artifacts"))
@@ -44,15 +45,23 @@ def test_runs_of_a_build_killed_on_this_host_are_closed_by_the_next_build(tmp_pa
     crashed = build(here, gone.pid)
     crashed_stage = start_run(client, experiment, "pretrain", tags={}, parent_run_id=crashed)
     alive = build(here, os.getpid())  # a build still running in this very process
-    elsewhere = build("another-host", gone.pid)  # cannot be checked from here: left alone
+    elsewhere = build("another-host", gone.pid)  # its pid means nothing here; no heartbeat recorded: left alone
+    beating = build("another-host", gone.pid)
+    client.set_tag(beating, HEARTBEAT, f"{time.time() - 60:.0f}")  # a minute ago: alive
+    silent = build("lost-node", gone.pid)
+    silent_stage = start_run(client, experiment, "finetune-seed0", tags={}, parent_run_id=silent)
+    client.set_tag(silent, HEARTBEAT, f"{time.time() - STALE_AFTER_SECONDS - 120:.0f}")
 
     recipe = load_recipe(DOMAINS / "tiny.yaml", tiny_overrides)
     with build_run(recipe, tracking_uri=db, trigger="manual") as ctx:
         new = ctx.build_run_id
-    status = {run_id: client.get_run(run_id).info.status for run_id in (crashed, crashed_stage, alive, elsewhere, new)}
+        assert time.time() - float(client.get_run(new).data.tags[HEARTBEAT]) < 30, "a live build beats"
+    runs = (crashed, crashed_stage, alive, elsewhere, beating, silent, silent_stage, new)
+    status = {run_id: client.get_run(run_id).info.status for run_id in runs}
     assert status == {crashed: "KILLED", crashed_stage: "KILLED", alive: "RUNNING", elsewhere: "RUNNING",
-                      new: "FINISHED"}
+                      beating: "RUNNING", silent: "KILLED", silent_stage: "KILLED", new: "FINISHED"}
     assert client.get_run(crashed).data.tags["adaptflow.note"] == f"killed: its process ({gone.pid}) on this host is gone"
+    assert client.get_run(silent).data.tags["adaptflow.note"] == "killed: no heartbeat from lost-node for 17 min"
 
 
 # ---------------------------------------------------------------- a kill in the middle of writing a save
