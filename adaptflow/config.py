@@ -311,6 +311,24 @@ class AdaptConfig(Section):
     seed: int | None = None
 
 
+# Tasks a text-only model cannot do, from the Self-Instruct paper's filter (whole words, case-insensitive).
+FORBIDDEN_KEYWORDS = (
+    "image",
+    "images",
+    "picture",
+    "pictures",
+    "graph",
+    "graphs",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+)
+
+
 class SelfInstructConfig(Section):
     """Self-Instruct (Wang et al. 2022) for decoders: the model grows an instruction dataset from the train
     split of `seed_task` (an sft task). Each round samples new instructions from a prompt listing
@@ -335,10 +353,7 @@ class SelfInstructConfig(Section):
     min_words: PositiveInt = 4
     max_words: PositiveInt = 150
     max_response_words: PositiveInt = 300
-    # Whole words or phrases, case-insensitive: tasks a text-only model cannot do (the paper's list).
-    forbidden_keywords: list[str] = Field(default_factory=lambda: [
-        "image", "images", "picture", "pictures", "graph", "graphs", "file", "files", "map", "maps", "draw",
-        "plot", "go to"])
+    forbidden_keywords: list[str] = Field(default_factory=lambda: list(FORBIDDEN_KEYWORDS))
     seed: int | None = None  # default: the recipe's seed
 
     @model_validator(mode="after")
@@ -348,8 +363,10 @@ class SelfInstructConfig(Section):
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
         if self.max_attempts is not None and self.max_attempts < self.target_size:
-            raise ValueError(f"max_attempts ({self.max_attempts}) must be >= target_size ({self.target_size}); "
-                             "most candidates are filtered out, so allow several attempts per kept instruction")
+            raise ValueError(
+                f"max_attempts ({self.max_attempts}) must be >= target_size ({self.target_size}); "
+                "most candidates are filtered out, so allow several attempts per kept instruction"
+            )
         if any(not keyword.strip() for keyword in self.forbidden_keywords):
             raise ValueError("forbidden_keywords must not contain empty strings (they would match everything)")
         return self
@@ -423,8 +440,13 @@ class CurateConfig(Section):
 
 
 class StagesConfig(Section):
+    """The build's stages, in the order they run; each one is optional."""
+
+    curate: CurateConfig | None = None
     pretrain: PretrainConfig | None = None
     adapt: AdaptConfig | None = None
+    self_instruct: SelfInstructConfig | None = None
+    active_learning: ActiveLearningConfig | None = None
     finetune: FinetuneConfig | None = None
 
 
@@ -589,6 +611,19 @@ class Recipe(Section):
                              "enable it, or remove them")
         return self
 
+    @model_validator(mode="after")
+    def _self_instruct_needs_a_decoder(self) -> Recipe:
+        """Generation needs a causal LM; a model known to be an encoder is refused here (a `model.path` is checked
+        by preflight, from its config.json)."""
+        if self.enabled("self_instruct") is None:
+            return self
+        tiny = self.model.tiny
+        if self.model.name == "minilm" or (tiny is not None and tiny.architecture == "bert"):
+            raise ValueError("stages.self_instruct generates text with the model, which needs a decoder (causal LM); "
+                             f"this recipe's model is an encoder ({self.model.name or 'tiny bert'}): use a decoder, "
+                             "or disable stages.self_instruct")
+        return self
+
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or f"adaptflow-{self.domain}"
@@ -602,15 +637,18 @@ class Recipe(Section):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def enabled_stages(self) -> list[str]:
-        return [
-            name
-            for name in StagesConfig.model_fields
-            if (stage := getattr(self.stages, name)) is not None and stage.enabled
-        ]
+        return [name for name in StagesConfig.model_fields if self.enabled(name) is not None]
+
+    def enabled(self, stage: str):
+        """The config of `stage` when the recipe has it enabled, else None."""
+        config = getattr(self.stages, stage)
+        return config if config is not None and config.enabled else None
 
     def used_corpora(self) -> list[str]:
         """Names of the corpora that the enabled stages, the evaluation or the tokenizer read, in recipe order."""
         used = set()
+        if (curate := self.enabled("curate")) is not None:
+            used.add(curate.corpus)
         if self.model.tiny is not None:
             used.add(self.model.tiny.tokenizer_corpus)
         pretrain = self.stages.pretrain
@@ -629,7 +667,9 @@ class Recipe(Section):
         return [name for name in self.corpora if name in used]
 
     def used_tasks(self) -> list[str]:
-        used = set()
+        used = {config.task for config in [self.enabled("active_learning")] if config is not None}
+        if (self_instruct := self.enabled("self_instruct")) is not None:
+            used.add(self_instruct.seed_task)
         adapt, finetune = self.stages.adapt, self.stages.finetune
         if adapt is not None and adapt.enabled:
             used.update(t for t in (adapt.source_task, adapt.target_task) if t)
@@ -777,7 +817,25 @@ def _cross_reference_problems(raw: dict) -> list[str]:
         task_refs += [("stages.adapt.source_task", adapt.get("source_task")),
                       ("stages.adapt.target_task", adapt.get("target_task"))]
         refs.append(("stages.adapt.target_corpus", adapt.get("target_corpus")))
+    curate = stages.get("curate")
+    if isinstance(curate, dict) and curate.get("enabled", True):
+        refs.append(("stages.curate.corpus", curate.get("corpus", "domain")))
     finetune = stages.get("finetune")
+    finetuned = finetune.get("task") if isinstance(finetune, dict) and finetune.get("enabled", True) else None
+    for stage, key, kind in (("self_instruct", "seed_task", "sft"), ("active_learning", "task", "classification")):
+        config = stages.get(stage)
+        if not isinstance(config, dict) or not config.get("enabled", True):
+            continue
+        name = config.get(key)
+        task_refs.append((f"stages.{stage}.{key}", name))
+        declared = tasks.get(name) if isinstance(name, str) else None
+        if isinstance(declared, dict) and declared.get("type") != kind:
+            task_problems_extra.append(f"stages.{stage}.{key}: {name!r} is a {declared.get('type')} task; "
+                                       f"{stage} works on {kind} tasks")
+        if isinstance(name, str) and name != finetuned:
+            task_problems_extra.append(
+                f"stages.{stage}.{key}: {name!r} must be the task stages.finetune trains on "
+                f"({finetuned or 'fine-tuning is disabled'}): {stage} makes that task's training split")
     if isinstance(finetune, dict) and finetune.get("enabled", True):
         task_refs.append(("stages.finetune.task", finetune.get("task")))
         regularizer = finetune.get("regularizer")

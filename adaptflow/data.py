@@ -202,7 +202,7 @@ def prepare_corpus(
     unique, removed = dedupe_exact(texts)
     train, validation = split_train_validation(unique, validation_fraction, seed)
     refs = {
-        split: _write_split(split_texts, name=name, split=split, out_dir=out_dir)
+        split: write_texts(split_texts, name=name, split=split, out_dir=out_dir)
         for split, split_texts in (("train", train), ("validation", validation))
     }
     return PreparedCorpus(
@@ -413,7 +413,8 @@ def _unit_hash(seed: int, text: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _write_split(texts: list[str], *, name: str, split: str, out_dir: str | Path) -> DatasetRef:
+def write_texts(texts: list[str], *, name: str, split: str, out_dir: str | Path) -> DatasetRef:
+    """Write `texts` as `<out_dir>/<name>-<digest>/<split>.parquet` (one column `text`; reused when there)."""
     table = pa.table({"text": pa.array(texts, type=pa.string())})
     return _write_split_table(table, digest_texts(texts), name=name, split=split, out_dir=out_dir)
 

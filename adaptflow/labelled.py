@@ -170,6 +170,15 @@ def load_records(ref: DatasetRef) -> list[dict]:
     return records
 
 
+def record_text(record: dict, kind: str) -> str:
+    """The words of one record, as a corpus document would hold them (for overlap checks)."""
+    if kind == "ner":
+        return " ".join(record["tokens"])
+    if kind == "sft":
+        return f"{record['prompt']}\n{record['response']}"
+    return " ".join(t for t in (record["text"], record.get("text_pair")) if t)
+
+
 def label_counts(records: Iterable[dict], kind: str) -> dict[str, int]:
     """How often each label occurs (ner: each tag, over all tokens), most frequent first; ``{}`` for sft."""
     if kind == "classification":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from adaptflow.config import Recipe
 from adaptflow.errors import DataError
-from adaptflow.models import pickle_refusal, pickle_weights
+from adaptflow.models import infer_objective, pickle_refusal, pickle_weights
 from adaptflow.storage import exists, is_s3, open_input
 
 
@@ -41,6 +41,10 @@ def preflight_problems(recipe: Recipe, tracking_uri: str | None = None) -> list[
                 problems.append(f"model.path: {pickle_refusal(path)}")
         elif problem := _vocabulary_problem(path, recipe.model.trust_remote_code):
             problems.append(f"model.path: {problem}")
+        if recipe.enabled("self_instruct") is not None and (path / "config.json").is_file() and \
+                infer_objective(str(path)) != "clm":
+            problems.append(f"stages.self_instruct: model.path {path} is an encoder; generating instructions needs "
+                            "a decoder (causal LM)")
     distributed = recipe.distributed
     if distributed.hostfile is not None and not Path(distributed.hostfile).is_file():
         problems.append(f"distributed.hostfile: not found: {distributed.hostfile}")

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 RESULT_ARTIFACT = "stage_result.json"
 RECIPE_ARTIFACT = "recipe.json"  # on every build run: the resolved recipe (defaults, YAML, overrides, caps)
 REUSED_FROM = "adaptflow.reused_from"
-STAGE_ORDER = ("pretrain", "adapt", "finetune", "evaluate")  # evaluation (and registration) is never reused
+# The order stages run in (`rerun --from STAGE` recomputes it and those after it). Only the training stages
+# are reused by cache key; curation, generation, selection and evaluation run again in every build.
+STAGE_ORDER = ("curate", "pretrain", "adapt", "self_instruct", "active_learning", "finetune", "evaluate")
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,16 @@ from adaptflow.config import load_recipe
 from adaptflow.errors import RecipeError
 from adaptflow.preflight import preflight_problems
 from adaptflow.tracking import build_summary
+from tasks.active_learning import select_examples
 from tasks.adapt import adapt
 from tasks.build_run import build_run
+from tasks.curate import curate
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune, select_seed
 from tasks.prepare import prepare_data, prepare_model
 from tasks.pretrain import pretrain
 from tasks.register import register
+from tasks.self_instruct import self_instruct
 
 
 def _run_name() -> str:
@@ -57,9 +60,15 @@ def build(
                    recompute_from=recompute_from, rerun_of=rerun_of) as ctx:
         stages = recipe.enabled_stages()
         data = prepare_data(ctx)
+        if "curate" in stages:
+            data = curate(ctx, data)
         base = prepare_model(ctx, data)
         language_model = pretrain(ctx, base, data) if "pretrain" in stages else base
         model = adapt(ctx, language_model, data) if "adapt" in stages else language_model
+        if "self_instruct" in stages:
+            data = self_instruct(ctx, model, data)
+        if "active_learning" in stages:
+            data = select_examples(ctx, model, data)
         finetuned, report, kind = None, None, None
         if "finetune" in stages:
             seeds = recipe.stages.finetune.seeds

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adaptflow.config import Recipe, load_recipe
+from adaptflow.curation import FILTERS
 from adaptflow.errors import AdaptflowError, RecipeError
 from adaptflow.report import HEADLINE_METRICS
 
@@ -274,6 +275,22 @@ def _print_mean_std(out: Console, metrics: dict, prefix: str, title: str, *, row
     out.print(table)
 
 
+def _print_curation(out: Console, metrics: dict) -> None:
+    """What corpus curation removed, filter by filter, and which evaluation sets the corpus overlapped."""
+    table = Table(title="corpus curation (documents; markup: documents cleaned; boilerplate: lines removed)")
+    table.add_column("step")
+    table.add_column("count", justify="right")
+    table.add_row("documents in", f"{metrics['curate.documents_in']:,.0f}")
+    for name in FILTERS:
+        if (value := metrics.get(f"curate.removed.{name}")) is not None:
+            table.add_row(name.replace("_", " "), f"{value:,.0f}")
+    for key, value in metrics.items():
+        if key.startswith("curate.contaminated_by."):
+            table.add_row(f"  of which overlapping {key.removeprefix('curate.contaminated_by.')}", f"{value:,.0f}")
+    table.add_row("documents kept", f"{metrics['curate.documents_kept']:,.0f}")
+    out.print(table)
+
+
 def _print_summary(summary: dict) -> None:
     out = Console()
     table = Table(title=f"build {summary['build_run_id']} ({summary['domain']}): {summary['status']}")
@@ -302,6 +319,8 @@ def _print_summary(summary: dict) -> None:
     if summary.get("report"):
         out.print(f"report: {summary['report']}")
     metrics = summary["metrics"]
+    if "curate.documents_in" in metrics:
+        _print_curation(out, metrics)
     seeds = sum(1 for name in summary["stages"] if name.startswith("finetune-seed"))
     _print_mean_std(out, metrics, "finetune.test_", f"task metrics (test set, mean ± std over {seeds} seed(s))")
     _print_mean_std(out, metrics, "eval.", f"evaluation (mean ± std over {seeds} seed(s))", rows=HEADLINE_METRICS)
