@@ -139,3 +139,24 @@ def test_the_infra_examples_set_only_recipe_keys_that_exist(example):
     recipe = load_recipe(DOMAINS / "biomedical.yaml", overrides)
     assert recipe.distributed.launcher == "torchrun" and recipe.distributed.nnodes == 2
     assert Path(DOMAINS.parent / recipe.distributed.deepspeed).is_file()
+
+
+@pytest.mark.parametrize("overrides,problems", [
+    (["stages.active_learning={task: ncbi_disease}"],
+     ["stages.active_learning.task: 'ncbi_disease' is a ner task; active_learning works on classification tasks",
+      "stages.active_learning.task: 'ncbi_disease' must be the task stages.finetune trains on (chemprot)"]),
+    (["stages.active_learning={task: chemprot, budget: 50, initial: 60}"],
+     ["budget (50) must be at least initial (60) + rounds (3)"]),
+    (["stages.self_instruct={seed_task: chemprot}"],
+     ["stages.self_instruct.seed_task: 'chemprot' is a classification task; self_instruct works on sft tasks",
+      "needs a decoder (causal LM); this recipe's model is an encoder (minilm)"]),
+    (["stages.curate={corpus: pubmed, near_duplicates: {threshold: 1.5}}"],
+     ["stages.curate.corpus: 'pubmed' is not a declared corpus",
+      "stages.curate.near_duplicates.threshold"]),
+], ids=["selection on a ner task", "budget below the cold start", "self-instruct on an encoder",
+        "curation of an unknown corpus"])
+def test_data_stage_mistakes_are_reported_before_anything_runs(overrides, problems):
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(DOMAINS / "biomedical.yaml", overrides)
+    for problem in problems:
+        assert problem in str(refused.value)
