@@ -123,15 +123,17 @@ def heartbeat(client, run_id: str) -> Iterator[None]:
     stop = threading.Event()
 
     def beat() -> None:
-        while True:
-            try:
-                client.set_tag(run_id, HEARTBEAT, f"{time.time():.0f}")
-            except Exception as err:  # noqa: BLE001 - a missed beat is not a failed build; the next one may land
-                log.debug("heartbeat of run %s not recorded: %s", run_id, err)
-            if stop.wait(HEARTBEAT_SECONDS):
-                return
+        try:
+            client.set_tag(run_id, HEARTBEAT, f"{time.time():.0f}")
+        except Exception as err:  # noqa: BLE001 - a missed beat is not a failed build; the next one may land
+            log.debug("heartbeat of run %s not recorded: %s", run_id, err)
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+    def keep_beating() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            beat()
+
+    beat()  # the first one before the build starts, so the run is never without one
+    thread = threading.Thread(target=keep_beating, name=f"heartbeat-{run_id}", daemon=True)
     thread.start()
     try:
         yield
