@@ -18,7 +18,6 @@ is, in which round and by which score it came in. The same seed gives the same s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,10 +29,9 @@ import torch
 
 from adaptflow import storage
 from adaptflow.config import ActiveLearningConfig, FinetuneConfig
-from adaptflow.data import _write_split_table
 from adaptflow.distributed import SINGLE
 from adaptflow.errors import ConfigError
-from adaptflow.labelled import TaskSplits, _canonical, _digest, load_records
+from adaptflow.labelled import TaskSplits, load_records, record_id, write_records
 from adaptflow.lineage import stage_cache_key
 from adaptflow.models import ENCODER_TYPES, load_task_model
 from adaptflow.objectives.padding import model_inputs, pad_batch
@@ -326,8 +324,7 @@ def run_selection(
 
 
 def _selected(pool: list[dict], index: int, round_: int, strategy: str, score: float | None) -> SelectedExample:
-    record_id = hashlib.sha256(_canonical(pool[index]).encode()).hexdigest()[:16]
-    return SelectedExample(index=index, id=record_id, round=round_, strategy=strategy, score=score)
+    return SelectedExample(index=index, id=record_id(pool[index]), round=round_, strategy=strategy, score=score)
 
 
 def write_subset(records: list[dict], *, name: str, out_dir: str | Path, split: str = "train") -> DatasetRef:
@@ -340,5 +337,4 @@ def write_subset(records: list[dict], *, name: str, out_dir: str | Path, split: 
         raise ValueError(f"write_subset({name!r}): no records to write; select at least one example")
     # Classification columns (text, optional text_pair, label) are all strings.
     schema = pa.schema([(column, pa.string()) for column in records[0]])
-    return _write_split_table(pa.Table.from_pylist(records, schema=schema), _digest(records), name=name,
-                              split=split, out_dir=out_dir)
+    return write_records(records, schema, name=name, split=split, out_dir=out_dir)

@@ -9,6 +9,7 @@ Bad input raises a ``DataError`` naming the file, line and fix before anything i
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -423,5 +424,16 @@ def _schema(config: TaskDataConfig) -> pa.Schema:
 
 
 def _write(name: str, split: str, config: TaskDataConfig, records: list[dict], out_dir: str | Path) -> DatasetRef:
-    table = pa.Table.from_pylist(records, schema=_schema(config))
+    return write_records(records, _schema(config), name=name, split=split, out_dir=out_dir)
+
+
+def write_records(records: list[dict], schema: pa.Schema, *, name: str, split: str, out_dir: str | Path) -> DatasetRef:
+    """Write records as ``<out_dir>/<name>-<digest>/<split>.parquet`` with the digest ``load_records`` checks (a
+    file already there, same content, is reused). Extra columns (provenance, say) are kept and digested too."""
+    table = pa.Table.from_pylist(records, schema=schema)
     return _write_split_table(table, _digest(records), name=name, split=split, out_dir=out_dir)
+
+
+def record_id(record: dict) -> str:
+    """A short content id of a record: the same example has the same id in any re-prepared split."""
+    return hashlib.sha256(_canonical(record).encode()).hexdigest()[:16]

@@ -33,9 +33,9 @@ import pyarrow as pa
 import torch
 
 from adaptflow.config import FinetuneConfig, SelfInstructConfig
-from adaptflow.data import _SAFE_NAME, _write_split_table
+from adaptflow.data import _SAFE_NAME
 from adaptflow.errors import DataError
-from adaptflow.labelled import _digest
+from adaptflow.labelled import write_records
 from adaptflow.refs import DatasetRef
 
 log = logging.getLogger(__name__)
@@ -276,8 +276,7 @@ def write_instructions(result: SelfInstructResult, *, name: str, out_dir: str | 
              "shown_ids": [], "response_shown_ids": [], "rouge_l_max": None, "nearest_id": "", "generator": "",
              "sampling": ""} for i, seed in enumerate(seeds)]
     rows += result.rows
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    return _write_split_table(table, _digest(rows), name=name, split="train", out_dir=out_dir)
+    return write_records(rows, SCHEMA, name=name, split="train", out_dir=out_dir)
 
 
 class _Run:
