@@ -20,6 +20,11 @@ def _quiet_offline_env():
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "adaptflow")
     os.environ["ADAPTFLOW_DATA_ROOT"] = str(DATA_ROOT)
+    # Prefect configures logging (dictConfig) when prefect.main is first imported, which closes every handler
+    # alive by then: absl's (rouge-score imports absl) then closes the stream it captured at import — pytest's
+    # capture stream, whenever a CliRunner had swapped sys.stderr at that moment. Configure logging first.
+    import prefect.main  # noqa: F401
+
     yield
 
 
