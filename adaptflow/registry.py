@@ -26,6 +26,7 @@ from pathlib import Path
 from adaptflow.errors import AdaptflowError, ConfigError
 from adaptflow.models import read_lineage
 from adaptflow.refs import CheckpointRef
+from adaptflow.tracking import ensure_experiment
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,14 @@ def register_build(client, *, run_id: str, checkpoint: CheckpointRef, kind: str,
     version = str(client.create_model_version(model_name, source, run_id=run_id, tags=tags).version)
     # Versions are numbered in registration order; of two builds finishing together the later one is the
     # challenger, whichever sets the alias last.
-    current = _alias_version(client, model_name, CHALLENGER)
-    if current is not None and int(current) > int(version):
-        log.warning("registered %s version %s; %s stays on the newer version %s (another build registered it "
-                    "meanwhile)", model_name, version, CHALLENGER, current)
-        return version
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    while True:
+        current = _alias_version(client, model_name, CHALLENGER)
+        if current is not None and int(current) > int(version):
+            log.warning("registered %s version %s; %s stays on the newer version %s (another build registered it "
+                        "meanwhile)", model_name, version, CHALLENGER, current)
+            return version
+        if _set_alias(client, model_name, CHALLENGER, version):
+            break
     log.info("registered %s version %s (%s) as %s", model_name, version, task, CHALLENGER)
     return version
 
@@ -138,14 +141,17 @@ def promote(client, model_name: str, *, version: str | None = None, force: bool 
         _audit(client, record)
         raise PromotionRefused(f"{model_name} version {version} stays out of service: {record['reason']} "
                                f"({CHAMPION} remains {previous or 'unset'}; --force --reason TEXT overrides)")
-    if expected_champion != ANY and (current := _alias_version(client, model_name, CHAMPION)) != expected_champion:
-        record |= {"previous": current, "action": "refused",
-                   "reason": f"{CHAMPION} moved from {expected_champion or 'unset'} to {current or 'unset'} after this "
-                             "decision was made against it"}
-        _audit(client, record)
-        raise PromotionRefused(f"{model_name} version {version} was not promoted: {record['reason']}; compare "
-                               f"against the new {CHAMPION} (rebuild), or promote by hand")
-    client.set_registered_model_alias(model_name, CHAMPION, version)
+    while True:
+        current = _alias_version(client, model_name, CHAMPION)
+        if expected_champion != ANY and current != expected_champion:
+            record |= {"previous": current, "action": "refused",
+                       "reason": f"{CHAMPION} moved from {expected_champion or 'unset'} to {current or 'unset'} after "
+                                 "this decision was made against it"}
+            _audit(client, record)
+            raise PromotionRefused(f"{model_name} version {version} was not promoted: {record['reason']}; compare "
+                                   f"against the new {CHAMPION} (rebuild), or promote by hand")
+        if _set_alias(client, model_name, CHAMPION, version):
+            break
     record |= {"action": "promote", "reason": reason or f"gates {verdict}"}
     _audit(client, record)
     return record
@@ -183,8 +189,7 @@ def audit_trail(client, model_name: str) -> list[dict]:
 
 
 def _audit(client, record: dict) -> None:
-    experiment = client.get_experiment_by_name(AUDIT_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(AUDIT_EXPERIMENT)
+    experiment_id = ensure_experiment(client, AUDIT_EXPERIMENT, None)
     record |= {"at": datetime.now(UTC).isoformat(timespec="seconds"), "ns": time.time_ns()}  # ns orders the trail
     run = client.create_run(experiment_id, run_name=f"{record['action']} {record['model']} v{record['version']}",
                             tags={f"adaptflow.audit.{k}": str(v) for k, v in record.items() if v is not None})
@@ -206,6 +211,20 @@ def champion_checkpoint(client, model_name: str):
         for file in (local / "components" / "tokenizer").iterdir():  # one folder, as save_pretrained writes it
             shutil.copy2(file, checkpoint / file.name)
         yield version, CheckpointRef(uri=str(checkpoint), digest="", stage="champion")
+
+
+def _set_alias(client, model_name: str, alias: str, version: str) -> bool:
+    """Point `alias` at `version`; False when another writer created the alias in the same moment (the store
+    inserts a new alias, and the second insert fails): the caller reads it again and decides again."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(model_name, alias, version)
+    except MlflowException as err:
+        if "UNIQUE constraint failed: registered_model_aliases" in str(err) or "Duplicate entry" in str(err):
+            return False
+        raise
+    return True
 
 
 def _alias_version(client, model_name: str, alias: str) -> str | None:

@@ -95,11 +95,20 @@ def redact_tree(value):
 
 
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created when missing (by this build, or by another one at the same moment)."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     location = f"{artifact_location.rstrip('/')}/{name}" if artifact_location else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        if (experiment := client.get_experiment_by_name(name)) is None:
+            raise
+        log.debug("experiment %s was created by another build meanwhile (%s)", name, err.error_code)
+        return experiment.experiment_id
 
 
 def start_run(client, experiment_id: str, name: str, *, tags: dict[str, Any], parent_run_id: str | None = None) -> str:
