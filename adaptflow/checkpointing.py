@@ -104,11 +104,8 @@ def read_state(state: Path) -> dict:
 def _file_digests(directory: Path) -> dict[str, str]:
     digests = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != STATE_FILE):
-        h = hashlib.sha256()
         with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-        digests[path.relative_to(directory).as_posix()] = h.hexdigest()
+            digests[path.relative_to(directory).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
     return digests
 
 

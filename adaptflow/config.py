@@ -667,9 +667,7 @@ class Recipe(Section):
         return [name for name in self.corpora if name in used]
 
     def used_tasks(self) -> list[str]:
-        used = {config.task for config in [self.enabled("active_learning")] if config is not None}
-        if (self_instruct := self.enabled("self_instruct")) is not None:
-            used.add(self_instruct.seed_task)
+        used = set()  # active_learning.task and self_instruct.seed_task are the fine-tuned task (cross-checked)
         adapt, finetune = self.stages.adapt, self.stages.finetune
         if adapt is not None and adapt.enabled:
             used.update(t for t in (adapt.source_task, adapt.target_task) if t)

@@ -57,10 +57,14 @@ def checkpoint_digest(checkpoint_dir: str | Path) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
+        _hash_file(h, f)
     return h.hexdigest()[:16]
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
 
 
 def verified_path(ref: CheckpointRef | str) -> str:
@@ -126,9 +130,7 @@ def convert_pickle_weights(path: str | Path, *, out_dir: str | Path) -> Path:
     files = pickle_weights(path)
     h = hashlib.sha256()
     for f in files:
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
+        _hash_file(h, f)
     target = Path(out_dir) / f"converted-{h.hexdigest()[:12]}"
     if (target / LINEAGE_FILE).is_file():
         return target

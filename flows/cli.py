@@ -26,7 +26,6 @@ from rich.console import Console
 from rich.table import Table
 
 from adaptflow.config import Recipe, load_recipe
-from adaptflow.curation import FILTERS
 from adaptflow.errors import AdaptflowError, RecipeError
 from adaptflow.report import HEADLINE_METRICS
 
@@ -277,6 +276,8 @@ def _print_mean_std(out: Console, metrics: dict, prefix: str, title: str, *, row
 
 def _print_curation(out: Console, metrics: dict) -> None:
     """What corpus curation removed, filter by filter, and which evaluation sets the corpus overlapped."""
+    from adaptflow.curation import FILTERS  # pulls in the data layer (pyarrow): not at start-up
+
     table = Table(title="corpus curation (documents; markup: documents cleaned; boilerplate: lines removed)")
     table.add_column("step")
     table.add_column("count", justify="right")

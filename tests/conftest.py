@@ -62,10 +62,8 @@ def build_tiny(architecture: str, texts: list[str], **sizes):
     from adaptflow.config import TinyModelConfig
     from adaptflow.models import build_tiny_model, train_tokenizer
 
-    tiny = TinyModelConfig(
-        architecture=architecture, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-        max_position_embeddings=128, vocab_size=600, **sizes,
-    )
+    tiny = TinyModelConfig(**{"architecture": architecture, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                              "intermediate_size": 64, "max_position_embeddings": 128, "vocab_size": 600} | sizes)
     tokenizer = train_tokenizer(texts, tiny)
     return build_tiny_model(tiny, tokenizer, seed=0), tokenizer
 

@@ -13,10 +13,9 @@ import re
 import pytest
 import torch
 
-from adaptflow.config import SelfInstructConfig, TinyModelConfig
+from adaptflow.config import SelfInstructConfig
 from adaptflow.errors import DataError
 from adaptflow.labelled import load_records
-from adaptflow.models import build_tiny_model, train_tokenizer
 from adaptflow.objectives.sft import InstructionSFT, encode_sft
 from adaptflow.selfinstruct import (
     DEFAULT_TEMPLATE,
@@ -32,6 +31,7 @@ from adaptflow.selfinstruct import (
     rouge_tokens,
     write_instructions,
 )
+from tests.conftest import build_tiny
 
 SEEDS = [
     {"prompt": "List three symptoms of type 2 diabetes.", "response": "Thirst, frequent urination and fatigue."},
@@ -158,17 +158,9 @@ def test_config_rejects_inconsistent_settings(overrides, message):
 def teach_tiny_gpt2():
     """A tiny GPT-2 through the production builders, trained briefly on the two prompt formats, so that it
     writes lines and answers that end (an untrained one almost never emits a newline or eos)."""
-    tiny = TinyModelConfig(
-        architecture="gpt2",
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        vocab_size=400,
+    model, tokenizer = build_tiny(
+        "gpt2", [f"{s['prompt']} {s['response']}" for s in SEEDS] * 3, max_position_embeddings=256, vocab_size=400
     )
-    tokenizer = train_tokenizer([f"{s['prompt']} {s['response']}" for s in SEEDS] * 3, tiny)
-    model = build_tiny_model(tiny, tokenizer, seed=0)
     rng = random.Random(0)
     prompts = [s["prompt"] for s in SEEDS]
     docs = []
