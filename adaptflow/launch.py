@@ -1,12 +1,14 @@
-"""Running a stage on many processes: the launcher (caller side) and the stage entry point (every rank).
+"""Running a stage here or on many processes: the caller's side of the launcher.
 
-    launch_stage("pretrain", arguments, distributed=recipe.distributed, job_dir=...)   # from a Prefect task
-    python -m adaptflow.launch SPEC.json                                              # what each rank runs
+    run_stage(pretrain, config, inputs, env, distributed=recipe.distributed, job_dir=...)   # from a Prefect task
+    python -m adaptflow.stages SPEC.json                                                  # what each rank runs
 
-`launch_stage` writes a spec (stage name, JSON arguments, MLflow run to log to, where the result goes) and
-starts `torchrun` on it. Rank 0's output is streamed to the caller's log; every rank's output is kept under
-the job's `logs/`. A rank that fails (an exception, a signal, the timeout) fails the stage with that rank's
-last lines in the message, and the other ranks are stopped.
+`run_stage` calls the stage in this process, or — when the recipe has a launcher and the stage runs on ranks
+(`DISTRIBUTED`) — `launch_stage`: it writes a spec (the stage's module, its config, inputs and environment as
+JSON, the MLflow run to log to, where the result goes) and starts `torchrun` or the deepspeed launcher on it.
+Nothing here knows any particular stage. Rank 0's output is streamed to the caller's log; every rank's output is
+kept under the job's `logs/`. A rank that fails (an exception, a signal, the timeout) fails the stage with that
+rank's last lines in the message, and the other ranks are stopped.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from adaptflow.config import DistributedConfig
-from adaptflow.distributed import free_port
+from adaptflow.config.sections import DistributedConfig
 from adaptflow.errors import AdaptflowError
+from adaptflow.refs import Record
+from adaptflow.stages.contract import StageEnv
+from adaptflow.train.runtime import free_port
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +46,48 @@ class StageFailed(AdaptflowError, RuntimeError):
 STOP_FILE = "agents.stop"
 
 
-def launch_stage(stage: str, arguments: dict, *, distributed: DistributedConfig, job_dir: Path,
-                 tracking: dict | None = None) -> dict | None:
-    """Run `stage` on the launcher's ranks with `arguments`; return rank 0's result (the stage's output as JSON).
+@dataclass(frozen=True)
+class Ran:
+    """A stage's result and the number of ranks that computed it."""
 
-    With several nodes under torchrun, node 0 calls this and every other node runs `join_launches` (the
-    `adaptflow node` command) on the same shared workdir: it finds the spec written here and starts that
-    node's ranks. Only node 0 gets the result back.
+    result: Record
+    world_size: int = 1
+
+
+def run_stage(stage: ModuleType, config, inputs: Record, env: StageEnv, *, distributed: DistributedConfig | None = None,
+              job_dir: Path | None = None, tracking: dict | None = None) -> Ran:
+    """`stage.run(config, inputs, env)` in this process, or on the ranks of `distributed` when it names a launcher
+    and the stage runs on ranks (`stage.DISTRIBUTED`); `job_dir` holds the launch's spec, result and logs."""
+    if distributed is None or distributed.launcher == "none" or not stage.DISTRIBUTED:
+        return Ran(stage.run(config, inputs, env))
+    if job_dir is None:
+        raise ValueError(f"launching stage {stage.NAME} needs a job_dir for its spec, result and logs")
+    return launch_stage(stage, config, inputs, env, distributed=distributed, job_dir=job_dir, tracking=tracking)
+
+
+def launch_stage(stage: ModuleType, config, inputs: Record, env: StageEnv, *, distributed: DistributedConfig,
+                 job_dir: Path, tracking: dict | None = None) -> Ran | None:
+    """Run `stage` on the launcher's ranks; return rank 0's result and the world size.
+
+    `tracking` ({"uri", "run_id"}) is the MLflow run rank 0 logs metrics to. With several nodes under torchrun,
+    node 0 calls this and every other node runs `join_launches` (the `adaptflow node` command) on the same
+    shared workdir: it finds the spec written here and starts that node's ranks. Only node 0 gets the result.
     """
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "result.json").unlink(missing_ok=True)
-    spec = {"stage": stage, "launch_id": uuid.uuid4().hex, "distributed": distributed.model_dump(mode="json"),
-            "arguments": arguments, "tracking": tracking, "result": str(job_dir / "result.json")}
+    spec = {"stage": stage.NAME, "module": stage.__name__, "launch_id": uuid.uuid4().hex,
+            "distributed": distributed.model_dump(mode="json"), "config": config.model_dump(mode="json"),
+            "inputs": inputs.to_dict(), "env": env.to_dict(), "tracking": tracking,
+            "result": str(job_dir / "result.json")}
     spec_path = job_dir / "spec.json"
     temporary = spec_path.with_suffix(".tmp")
     temporary.write_text(json.dumps(spec, indent=2))
     temporary.replace(spec_path)  # a node agent never reads half a spec
-    return run_spec(spec_path, distributed)
+    ran = run_spec(spec_path, distributed)
+    if ran is None:
+        return None
+    return Ran(stage.Result.from_dict(ran["result"]), ran["world_size"])
 
 
 def run_spec(spec_path: Path, distributed: DistributedConfig) -> dict | None:
@@ -138,7 +168,7 @@ def torchrun_command(distributed: DistributedConfig, spec_path: Path, log_dir: P
         command += ["--standalone"]
     else:  # static rendezvous: node ranks are the recipe's, every node dials node 0
         command += [f"--node-rank={distributed.node_rank}", f"--master-addr={host}", f"--master-port={port}"]
-    return command + ["-m", "adaptflow.launch", str(spec_path)]
+    return command + ["-m", "adaptflow.stages", str(spec_path)]
 
 
 def deepspeed_command(distributed: DistributedConfig, spec_path: Path) -> list[str]:
@@ -156,7 +186,7 @@ def deepspeed_command(distributed: DistributedConfig, spec_path: Path) -> list[s
                  if line.strip() and not line.lstrip().startswith("#")}
         if hosts <= {"localhost", "127.0.0.1"}:
             command += ["--no_ssh_check"]  # no ssh to reach this machine itself
-    return command + ["--no_local_rank", "--module", "adaptflow.launch", str(spec_path)]  # LOCAL_RANK is in the env
+    return command + ["--no_local_rank", "--module", "adaptflow.stages", str(spec_path)]  # LOCAL_RANK is in the env
 
 
 def _rank_environment(distributed: DistributedConfig) -> dict[str, str]:
@@ -276,114 +306,3 @@ def _failure_message(stage: str, returncode: int, logs: Path, tail: list[str], e
     detail = "\n".join(f"    {line}" for line in [line for line in lines if line.strip()][-12:]) or "    (no output)"
     return (f"stage {stage} failed on local rank {local_rank} ({how}); its last lines:\n{detail}\n"
             f"(every rank's output: {logs})")
-
-
-# ---------------------------------------------------------------------------------------------- rank side
-
-
-def _pretrain(arguments: dict, runtime, log_metrics):
-    from adaptflow.config import PretrainConfig
-    from adaptflow.refs import CheckpointRef
-    from adaptflow.stages.pretrain import run_pretrain
-
-    checkpoint = run_pretrain(
-        PretrainConfig(**arguments["config"]), base=CheckpointRef(**arguments["base"]),
-        train_data=_dataset(arguments["train_data"]), validation_data=_dataset(arguments.get("validation_data")),
-        replay_data=_dataset(arguments.get("replay_data")), work_dir=arguments["work_dir"], cache_dir=arguments.get("cache_dir"),
-        seed=arguments["seed"], mlflow_run_id=arguments.get("mlflow_run_id"),
-        build_run_id=arguments.get("build_run_id"), log_metrics=log_metrics,
-        trust_remote_code=arguments.get("trust_remote_code", False), runtime=runtime,
-        deepspeed=arguments.get("deepspeed"), checkpoint_mirror=arguments.get("checkpoint_mirror"),
-        resume=arguments.get("resume", True),
-    )
-    return checkpoint.to_dict()
-
-
-def _finetune(arguments: dict, runtime, log_metrics):
-    import dataclasses
-
-    from adaptflow.config import FinetuneConfig
-    from adaptflow.refs import CheckpointRef
-    from adaptflow.stages.finetune import run_finetune
-
-    result = run_finetune(
-        FinetuneConfig(**arguments["config"]), task=_task_splits(arguments["task"]),
-        base=CheckpointRef(**arguments["base"]), work_dir=arguments["work_dir"], seed=arguments["seed"],
-        fisher_data=_dataset(arguments.get("fisher_data")),
-        mlflow_run_id=arguments.get("mlflow_run_id"), build_run_id=arguments.get("build_run_id"),
-        log_metrics=log_metrics, trust_remote_code=arguments.get("trust_remote_code", False), runtime=runtime,
-        deepspeed=arguments.get("deepspeed"),
-    )
-    return dataclasses.asdict(result)
-
-
-def _adapt(arguments: dict, runtime, log_metrics):
-    import dataclasses
-
-    from adaptflow.config import AdaptConfig
-    from adaptflow.refs import CheckpointRef
-    from adaptflow.stages.adapt import run_adapt
-
-    result = run_adapt(
-        AdaptConfig(**arguments["config"]), source=_task_splits(arguments["source"]),
-        target=_dataset(arguments["target"]), target_heldout=_dataset(arguments["target_heldout"]),
-        target_labelled=_task_splits(arguments["target_labelled"]) if arguments.get("target_labelled") else None,
-        base=CheckpointRef(**arguments["base"]), work_dir=arguments["work_dir"], seed=arguments["seed"],
-        mlflow_run_id=arguments.get("mlflow_run_id"), build_run_id=arguments.get("build_run_id"),
-        log_metrics=log_metrics, runtime=runtime, deepspeed=arguments.get("deepspeed"),
-    )
-    return dataclasses.asdict(result)
-
-
-def _dataset(data: dict | None):
-    from adaptflow.refs import DatasetRef
-
-    return DatasetRef(**data) if data else None
-
-
-def _task_splits(task: dict):
-    from adaptflow.labelled import TaskSplits
-
-    return TaskSplits(**task | {name: _dataset(task.get(name)) for name in ("train", "validation", "test")}
-                      | {"labels": tuple(task["labels"])})
-
-
-STAGES = {"pretrain": _pretrain, "finetune": _finetune, "adapt": _adapt}
-
-
-def main(spec_path: str) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    from adaptflow.distributed import Runtime
-
-    if "TORCHELASTIC_ERROR_FILE" not in os.environ and os.environ.get("ADAPTFLOW_ERROR_DIR"):
-        # Not under torchrun (the deepspeed launcher): `record` writes to a file of ours instead.
-        Path(os.environ["ADAPTFLOW_ERROR_DIR"]).mkdir(parents=True, exist_ok=True)
-        os.environ["TORCHELASTIC_ERROR_FILE"] = str(Path(os.environ["ADAPTFLOW_ERROR_DIR"]) /
-                                                    f"rank{os.environ.get('RANK', '0')}.json")
-
-    @record  # writes this rank's exception where the launcher collects it (torchrun: error.json)
-    def run() -> None:
-        spec = json.loads(Path(spec_path).read_text())
-        runtime = Runtime.from_env()
-        logging.basicConfig(level=logging.INFO, format=f"[rank {runtime.rank}] %(levelname)s %(name)s: %(message)s")
-        log_metrics = None
-        if runtime.is_main and spec.get("tracking"):
-            from mlflow import MlflowClient
-
-            from adaptflow.tracking import metrics_logger
-
-            log_metrics = metrics_logger(MlflowClient(spec["tracking"]["uri"]), spec["tracking"]["run_id"])
-        result = STAGES[spec["stage"]](spec["arguments"], runtime, log_metrics)
-        if runtime.is_main:
-            target = Path(spec["result"])
-            temporary = target.with_suffix(".tmp")
-            temporary.write_text(json.dumps(result | {"world_size": runtime.world_size}))
-            temporary.replace(target)
-        runtime.exit()
-
-    run()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])

@@ -6,9 +6,10 @@ import json
 import os
 from pathlib import Path
 
-from adaptflow.config import Recipe
 from adaptflow.errors import DataError
-from adaptflow.models import infer_objective, pickle_refusal, pickle_weights
+from adaptflow.models.builders import pickle_refusal, pickle_weights
+from adaptflow.models.checkpoints import infer_objective
+from adaptflow.recipe import Recipe
 from adaptflow.storage import exists, is_s3, open_input
 
 
@@ -64,7 +65,7 @@ def _tracking_problem(uri: str | None) -> str | None:
     minutes of retries deep inside the first stage)."""
     import urllib.request
 
-    from adaptflow.tracking import redact
+    from adaptflow.tracking.runs import redact
 
     if not uri or not uri.startswith(("http://", "https://")):
         return None  # the default SQLite store, a file store or a managed service

@@ -4,7 +4,7 @@
     python bench/active_learning.py --strategies random entropy margin kcenter   # every strategy: ~1 h
     python bench/active_learning.py --quick    # 1 seed, random vs entropy, 32 → 64 → 96 labels: a few minutes
 
-Each (strategy, seed) is one `adaptflow.active.run_selection` over a pool of ChemProt training examples: round 0
+Each (strategy, seed) is one run of the `active_learning` stage over a pool of ChemProt training examples: round 0
 fine-tunes on the same random cold start for every strategy (same seed, same draw — it is trained once and
 shared), then each round fine-tunes the packaged MiniLM afresh on everything selected so far and picks the next
 batch with that model. Every round trains a fixed number of steps with domains/biomedical.yaml's fine-tuning
@@ -27,12 +27,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from adaptflow.active import run_selection, write_subset
-from adaptflow.config import ActiveLearningConfig, load_recipe
-from adaptflow.data import stable_sample
-from adaptflow.labelled import TaskSplits, _canonical, load_records, prepare_task
+from adaptflow.data.corpus import stable_sample
+from adaptflow.data.labelled import TaskSplits, _canonical, load_records, prepare_task
 from adaptflow.models import materialize_base_model
-from adaptflow.stages.finetune import finetune_cache_key, run_finetune
+from adaptflow.recipe import load_recipe
+from adaptflow.stages import StageEnv, active_learning, finetune
+from adaptflow.stages.active_learning import write_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "chemprot"
@@ -57,18 +57,19 @@ def shrink(task: TaskSplits, pool_size: int, val_size: int, test_size: int, seed
 
 
 def shared_finetune(timings: list[float]):
-    """run_finetune, computed once per cache key: every strategy's round 0 (same seed, same draw) is one run."""
+    """The fine-tuning stage, computed once per cache key: every strategy's round 0 (same seed, same draw) is one
+    run."""
     done = {}
 
-    def finetune(config, *, task, base, work_dir, seed):
-        key = finetune_cache_key(config, base, task, seed)
+    def finetune_round(config, inputs, env):
+        key = finetune.cache_key(config, inputs, env.seed)
         if key not in done:
             started = time.perf_counter()
-            done[key] = run_finetune(config, task=task, base=base, work_dir=work_dir, seed=seed)
+            done[key] = finetune.run(config, inputs, env)
             timings.append(time.perf_counter() - started)
         return done[key]
 
-    return finetune
+    return finetune_round
 
 
 def summarize(values: list[float]) -> tuple[float, float]:
@@ -151,9 +152,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(ROOT / "domains" / "biomedical.yaml")
-    select = ActiveLearningConfig(task=TASK, initial=settings["initial"], budget=settings["budget"],
+    select = active_learning.Config(task=TASK, initial=settings["initial"], budget=settings["budget"],
                                   rounds=settings["rounds"], growth=settings["growth"], pool_max=settings["pool_max"])
-    finetune = recipe.stages.finetune.model_copy(update={
+    tuning = recipe.stages.finetune.model_copy(update={
         "max_steps": settings["steps"], "epochs": None, "max_length": settings["max_length"],
         "eval_every": settings["steps"], "early_stopping": None,  # one validation, at the end of each round
     })
@@ -164,8 +165,8 @@ def main() -> None:
                   workdir / "datasets")
     print(f"{TASK}: pool {task.train.rows} of {full.train.rows} training examples, validation {task.validation.rows}, "
           f"test {task.test.rows}; budgets {select.sizes()} ({select.growth}); strategies {settings['strategies']}; "
-          f"seeds {settings['seeds']}; {finetune.max_steps} steps a round (batch {finetune.batch_size}, lr "
-          f"{finetune.lr}, head lr {finetune.head_lr}, ≤ {finetune.max_length} tokens); torch threads "
+          f"seeds {settings['seeds']}; {tuning.max_steps} steps a round (batch {tuning.batch_size}, lr "
+          f"{tuning.lr}, head lr {tuning.head_lr}, ≤ {tuning.max_length} tokens); torch threads "
           f"{torch.get_num_threads()}", flush=True)
 
     started = time.perf_counter()
@@ -176,8 +177,9 @@ def main() -> None:
     for seed in settings["seeds"]:
         for strategy in settings["strategies"]:
             t0 = time.perf_counter()
-            result = run_selection(select.model_copy(update={"strategy": strategy}), finetune, task=task, base=base,
-                                   work_dir=workdir / "stages", seed=seed, finetune=cached)
+            result = active_learning.run(select.model_copy(update={"strategy": strategy}),
+                                         active_learning.Inputs(base=base, task=task, finetune=tuning),
+                                         StageEnv(work_dir=workdir / "stages", seed=seed), finetune_round=cached)
             labels = Counter(pool[s.index]["label"] for s in result.selected)
             runs.append({"strategy": strategy, "seed": seed, "seconds": time.perf_counter() - t0,
                          "curve": [{"labelled": p.labelled, "round": p.round, "metrics": p.metrics}

@@ -24,11 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from adaptflow.config import load_recipe
-from adaptflow.data import prepare_corpus
-from adaptflow.labelled import prepare_task
+from adaptflow.data.corpus import prepare_corpus
+from adaptflow.data.labelled import prepare_task
 from adaptflow.models import materialize_base_model
-from adaptflow.stages.adapt import run_adapt
+from adaptflow.recipe import load_recipe
+from adaptflow.stages import StageEnv, adapt
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ["books:kitchen", "kitchen:books", "books:electronics", "electronics:kitchen"]
@@ -75,7 +75,7 @@ def main() -> None:
     print(f"adapt settings from domains/sentiment.yaml, budget reduced for the benchmark: {config.max_steps} steps "
           f"(recipe {recipe.stages.adapt.max_steps}), sequences ≤ {config.max_length} tokens (recipe "
           f"{recipe.stages.adapt.max_length}), batch {config.batch_size} source + {config.batch_size} target, "
-          f"λ {config.schedule} ≤ {config.lambda_max}", flush=True)
+          f"λ {config.lambda_schedule} ≤ {config.lambda_max}", flush=True)
     base = materialize_base_model(recipe.model, out_dir=workdir / "models", tokenizer_texts=None, seed=recipe.seed)
     domains = {d: prepare(recipe, d, workdir / "datasets") for pair in args.pairs for d in pair.split(":")}
 
@@ -84,12 +84,11 @@ def main() -> None:
         source, target = pair.split(":")
         for seed in args.seeds:
             started = time.perf_counter()
-            result = run_adapt(
-                config, source=domains[source]["source"], target=domains[target]["unlabelled"].train,
-                target_heldout=domains[target]["unlabelled"].validation,
-                target_labelled=domains[target]["labelled_target"], base=base, work_dir=workdir / "stages",
-                seed=seed,
-            )
+            inputs = adapt.Inputs(base=base, source=domains[source]["source"],
+                                  target=domains[target]["unlabelled"].train,
+                                  target_heldout=domains[target]["unlabelled"].validation,
+                                  target_labelled=domains[target]["labelled_target"])
+            result = adapt.run(config, inputs, StageEnv(work_dir=workdir / "stages", seed=seed))
             m = result.metrics
             runs.append({
                 "pair": pair, "seed": seed, "seconds": time.perf_counter() - started,

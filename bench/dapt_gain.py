@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from adaptflow.config import load_recipe
-from adaptflow.data import prepare_corpus
-from adaptflow.labelled import prepare_task
+from adaptflow.data.corpus import prepare_corpus
+from adaptflow.data.labelled import prepare_task
 from adaptflow.models import materialize_base_model
-from adaptflow.stages.finetune import run_finetune
-from adaptflow.stages.pretrain import run_pretrain
+from adaptflow.recipe import load_recipe
+from adaptflow.stages import StageEnv, finetune, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = {"biomedical": "chemprot", "legal": "claudette"}
@@ -30,7 +29,7 @@ DOMAINS = {"biomedical": "chemprot", "legal": "claudette"}
 
 def run_domain(domain: str, seeds: list[int], workdir: Path, max_steps: int | None, max_examples: int | None):
     recipe = load_recipe(ROOT / "domains" / f"{domain}.yaml").capped(max_steps=max_steps, max_examples=max_examples)
-    pretrain, finetune = recipe.stages.pretrain, recipe.stages.finetune
+    settings, tuning = recipe.stages.pretrain, recipe.stages.finetune
     data_dir = workdir / "datasets"
     corpora = {
         name: prepare_corpus(c.path, name=name, out_dir=data_dir, format=c.format, text_field=c.text_field,
@@ -38,34 +37,34 @@ def run_domain(domain: str, seeds: list[int], workdir: Path, max_steps: int | No
                              max_documents=c.max_documents)
         for name, c in recipe.corpora.items()
     }
-    task = prepare_task(finetune.task, recipe.tasks[finetune.task], out_dir=data_dir, seed=recipe.seed)
+    task = prepare_task(tuning.task, recipe.tasks[tuning.task], out_dir=data_dir, seed=recipe.seed)
     base = materialize_base_model(recipe.model, out_dir=workdir / "models", tokenizer_texts=None, seed=recipe.seed)
 
     started = time.perf_counter()
-    domain_corpus = corpora[pretrain.corpus]
-    dapt = run_pretrain(
-        pretrain, base=base, train_data=domain_corpus.train, validation_data=domain_corpus.validation,
-        replay_data=corpora[pretrain.replay.corpus].train if pretrain.replay else None,
-        work_dir=workdir / "stages", cache_dir=workdir / "cache", seed=recipe.seed,
-    )
+    domain_corpus = corpora[settings.corpus]
+    replay = corpora[settings.replay.corpus].train if settings.replay else None
+    dapt = pretrain.run(settings, pretrain.Inputs(base=base, train=domain_corpus.train,
+                                                  validation=domain_corpus.validation, replay=replay),
+                        StageEnv(work_dir=workdir / "stages", cache_dir=workdir / "cache", seed=recipe.seed)).checkpoint
     pretrain_seconds = time.perf_counter() - started
 
     runs = []
     for arm, start in (("baseline", base), ("dapt", dapt)):
         for seed in seeds:
             t0 = time.perf_counter()
-            result = run_finetune(finetune, task=task, base=start, work_dir=workdir / "stages", seed=seed)
+            result = finetune.run(tuning, finetune.Inputs(base=start, task=task),
+                                  StageEnv(work_dir=workdir / "stages", seed=seed))
             runs.append({"arm": arm, "seed": seed, "seconds": time.perf_counter() - t0,
                          **{k: v for k, v in result.metrics.items() if k.startswith(("test_", "val_"))},
                          "steps": result.metrics["steps"]})
             print(f"  {domain:<10} {arm:<8} seed {seed}: test macro-F1 {result.metrics['test_macro_f1']:.4f} "
                   f"micro-F1 {result.metrics['test_micro_f1']:.4f} ({runs[-1]['seconds']:.0f} s)", flush=True)
     return {
-        "task": finetune.task,
+        "task": tuning.task,
         "train_examples": task.train.rows,
         "test_examples": task.test.rows,
-        "pretrain_steps": pretrain.max_steps,
-        "finetune_max_steps": finetune.max_steps,
+        "pretrain_steps": settings.max_steps,
+        "finetune_max_steps": tuning.max_steps,
         "pretrain_seconds": pretrain_seconds,
         "runs": runs,
     }

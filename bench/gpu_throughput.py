@@ -67,12 +67,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    from adaptflow.data import read_texts
-    from adaptflow.distributed import DeepSpeedEngine, Runtime
+    from adaptflow.data.corpus import read_texts
+    from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
     from adaptflow.models import packaged_model_path
     from adaptflow.objectives import build_objective
-    from adaptflow.tokenize import pack_blocks, tokenize_corpus
-    from adaptflow.train import BatchSampler, LoopSettings, train
+    from adaptflow.train import BatchSampler, DeepSpeedEngine, LoopSettings, Runtime, train
 
     runtime = Runtime()
     device = runtime.device()

@@ -8,7 +8,7 @@
    evaluation: the engine's own work). Overhead = wall − compute, broken down. Prefect's ephemeral API is
    started (and timed) before, as a long-running server would be.
 2. `adaptflow rerun <build> --from finetune` (pretraining reused, fine-tuning and evaluation recomputed)
-   against the fine-tuning stage alone: `run_finetune` on the same inputs in this process, without Prefect
+   against the fine-tuning stage alone: `finetune.run` on the same inputs in this process, without Prefect
    or MLflow — the baseline, measured in the same run.
 
 Prints a table, writes bench/orchestration_overhead.json, and ends with a key=value line.
@@ -40,12 +40,12 @@ def main() -> None:
     from mlflow import MlflowClient
     from prefect import flow
 
-    from adaptflow.config import load_recipe
-    from adaptflow.labelled import prepare_task
+    from adaptflow.data.labelled import prepare_task
+    from adaptflow.flows.build import build
+    from adaptflow.recipe import load_recipe
     from adaptflow.refs import CheckpointRef
-    from adaptflow.reuse import rerun_recipe
-    from adaptflow.stages.finetune import run_finetune
-    from flows.build import build
+    from adaptflow.stages import StageEnv, finetune
+    from adaptflow.tracking.reuse import rerun_recipe
 
     workdir = Path(tempfile.mkdtemp(prefix="orchestration-bench-"))
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -77,7 +77,8 @@ def main() -> None:
     base = CheckpointRef(uri=pretrained["checkpoint_uri"], digest=client.get_run(pretrained["run_id"]).data.tags[
         "adaptflow.checkpoint.digest"], stage="pretrain")
     started = time.perf_counter()
-    run_finetune(config, task=splits, base=base, work_dir=workdir / "alone", seed=config.seeds[0])
+    finetune.run(config, finetune.Inputs(base=base, task=splits), StageEnv(work_dir=workdir / "alone",
+                                                                          seed=config.seeds[0]))
     finetune_alone = time.perf_counter() - started
 
     compute = sum(s["compute"] or 0.0 for s in stages.values())
@@ -128,7 +129,7 @@ def _print(r: dict) -> None:
     for name, s in r["rerun_stages"].items():
         print(f"{name:<18}{s['seconds']:>9.1f}  {'yes' if s['reused'] else ''}")
     print(f"\nrerun --from finetune {r['rerun_wall_s']:8.1f} s")
-    print(f"fine-tuning alone     {r['finetune_alone_s']:8.1f} s   (baseline: run_finetune, no Prefect/MLflow)")
+    print(f"fine-tuning alone     {r['finetune_alone_s']:8.1f} s   (baseline: finetune.run, no Prefect/MLflow)")
     print(f"ratio rerun / alone   {r['rerun_vs_finetune_alone']:8.2f}   (the rerun also re-evaluates)")
     print(f"  without evaluation  {r['rerun_without_evaluation_vs_finetune_alone']:8.2f}")
     print(f"ratio rerun / build   {r['rerun_vs_full_build']:8.2f}")

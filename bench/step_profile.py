@@ -28,9 +28,9 @@ BATCH, BLOCK, SEED = 16, 128, 13
 
 def setup():
     from adaptflow.config import ModelConfig
+    from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
     from adaptflow.models import load_model, materialize_base_model
     from adaptflow.objectives import build_objective
-    from adaptflow.tokenize import pack_blocks, tokenize_corpus
     from adaptflow.train import BatchSampler, adamw
 
     base = materialize_base_model(ModelConfig(name="minilm"), out_dir=Path("/tmp"), tokenizer_texts=None, seed=SEED)

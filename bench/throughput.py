@@ -7,7 +7,7 @@ Useful (non-padding) tokens per second over the same number of optimizer steps a
 its own process (peak resident memory is the process's), arms alternating within each repetition:
 
   pretraining (continued MLM on the NCBI abstracts, batch 16):
-    adaptflow     the pretraining stage (`run_pretrain`): documents packed into 128-token blocks
+    adaptflow     the pretraining stage (`stages.pretrain.run`): documents packed into 128-token blocks
     trainer       Trainer + DataCollatorForLanguageModeling, each document one sequence (truncated at the
                   model's 512 positions), padded per batch — what the Trainer's MLM recipe does line by line
     trainer-128   the same truncated at 128 tokens: sequences as short as adaptflow's blocks, but it reads only
@@ -15,7 +15,7 @@ its own process (peak resident memory is the process's), arms alternating within
     bare          forward + the same masked-position loss, backward, clip, AdamW step, on adaptflow's
                   pre-built batches: what the loop's own machinery costs
   fine-tuning (ChemProt, batch 16, max_length 128):
-    adaptflow     the fine-tuning stage (`run_finetune`): length-grouped batches, dynamic padding
+    adaptflow     the fine-tuning stage (`stages.finetune.run`): length-grouped batches, dynamic padding
     trainer       Trainer's defaults: random order, DataCollatorWithPadding (pads to each batch's longest)
     bare          forward (the model's own loss), backward, clip, AdamW step on adaptflow's pre-built batches
 
@@ -84,13 +84,12 @@ def _chemprot_records() -> list[dict]:
 
 
 def arm_pretrain_adaptflow(steps: int, warmup: int, work: Path) -> dict:
-    from adaptflow.config import PretrainConfig
-    from adaptflow.data import prepare_corpus
-    from adaptflow.stages.pretrain import run_pretrain
+    from adaptflow.data.corpus import prepare_corpus
+    from adaptflow.stages import StageEnv, pretrain
 
     corpus = prepare_corpus(str(ABSTRACTS), name="abstracts", out_dir=work / "datasets", validation_fraction=0.0,
                             seed=SEED)
-    config = PretrainConfig(corpus="abstracts", objective="mlm", block_size=BLOCK, batch_size=BATCH,
+    config = pretrain.Config(corpus="abstracts", objective="mlm", block_size=BLOCK, batch_size=BATCH,
                             max_steps=warmup + steps, lr=LR, head_warmup_steps=0, warmup_ratio=0.0,
                             log_every=1, eval_every=0, save_every=0)
     clock = StepClock(warmup)
@@ -100,20 +99,19 @@ def arm_pretrain_adaptflow(steps: int, warmup: int, work: Path) -> dict:
         if "tokens_per_s" in metrics:
             clock.step_done(block_tokens)
 
-    run_pretrain(config, base=_base(), train_data=corpus.train, validation_data=None, work_dir=work / "stages",
-                 cache_dir=work / "cache",
-                 seed=SEED, log_metrics=sink)
+    pretrain.run(config, pretrain.Inputs(base=_base(), train=corpus.train),
+                 StageEnv(work_dir=work / "stages", cache_dir=work / "cache", seed=SEED, log_metrics=sink))
     return clock.result()
 
 
 def arm_finetune_adaptflow(steps: int, warmup: int, work: Path) -> dict:
-    from adaptflow.config import FinetuneConfig, TaskDataConfig
-    from adaptflow.labelled import prepare_task
-    from adaptflow.stages.finetune import run_finetune
+    from adaptflow.config import TaskDataConfig
+    from adaptflow.data.labelled import prepare_task
+    from adaptflow.stages import StageEnv, finetune
 
     task = TaskDataConfig(type="classification", train=str(CHEMPROT), validation_fraction=0.0)
     splits = prepare_task("chemprot", task, out_dir=work / "datasets", seed=SEED)
-    config = FinetuneConfig(task="chemprot", batch_size=BATCH, max_length=MAX_LENGTH, max_steps=warmup + steps,
+    config = finetune.Config(task="chemprot", batch_size=BATCH, max_length=MAX_LENGTH, max_steps=warmup + steps,
                             lr=LR, warmup_ratio=0.0, log_every=1, eval_every=0, early_stopping=None, seeds=[SEED])
     clock = StepClock(warmup)
     windows: list[float] = []
@@ -125,7 +123,8 @@ def arm_finetune_adaptflow(steps: int, warmup: int, work: Path) -> dict:
             windows.append(now)
             clock.step_done(round(metrics["tokens_per_s"] * duration))
 
-    run_finetune(config, task=splits, base=_base(), work_dir=work / "stages", seed=SEED, log_metrics=sink)
+    finetune.run(config, finetune.Inputs(base=_base(), task=splits),
+                 StageEnv(work_dir=work / "stages", seed=SEED, log_metrics=sink))
     return clock.result()
 
 
@@ -212,9 +211,9 @@ def _bare_loop(model, batches: list[dict], steps: int, warmup: int, loss_fn=None
 def arm_pretrain_bare(steps: int, warmup: int, work: Path) -> dict:
     import torch
 
+    from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
     from adaptflow.models import load_model
     from adaptflow.objectives import build_objective
-    from adaptflow.tokenize import pack_blocks, tokenize_corpus
     from adaptflow.train import BatchSampler
 
     model, tokenizer = load_model(_base(), "mlm", seed=SEED)
@@ -228,18 +227,17 @@ def arm_pretrain_bare(steps: int, warmup: int, work: Path) -> dict:
 
 
 def arm_finetune_bare(steps: int, warmup: int, work: Path) -> dict:
-    from adaptflow.config import FinetuneConfig
+    from adaptflow import kinds
     from adaptflow.models import load_task_model
     from adaptflow.objectives.padding import model_inputs
-    from adaptflow.stages.finetune import encode, eval_objective
     from adaptflow.train import BatchSampler
 
     records = _chemprot_records()
     labels = sorted({r["label"] for r in records})
     model, tokenizer = load_task_model(_base(), "classification", labels, seed=SEED)
-    items = encode(records, "classification", tokenizer, FinetuneConfig(task="chemprot", max_length=MAX_LENGTH),
-                   labels)
-    objective = eval_objective("classification", tokenizer, labels)
+    kind = kinds.get("classification")
+    items = kind.encode(records, tokenizer, labels=labels, max_length=MAX_LENGTH, prompt_template=None)
+    objective = kind.objective(tokenizer.pad_token_id, labels)
     sampler = BatchSampler(items, BATCH, SEED, lengths=[len(item["input_ids"]) for item in items])
     batches = []
     for i in range(warmup + steps):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from adaptflow.distributed import free_port
+from adaptflow.train.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ABSTRACTS = ROOT.parent / "shared/data/biomedical/unlabelled_ncbi_abstracts/abstracts.txt"
@@ -67,12 +67,11 @@ def optimizer_tensors(optimizer):
 def worker(out: Path, zero: int | None, steps: int) -> None:
     sys.path.insert(0, str(ROOT))
     from adaptflow.config import ModelConfig
-    from adaptflow.data import read_texts
-    from adaptflow.distributed import DeepSpeedEngine, Runtime, TorchEngine
+    from adaptflow.data.corpus import read_texts
+    from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
     from adaptflow.models import load_model, materialize_base_model
     from adaptflow.objectives import build_objective
-    from adaptflow.tokenize import pack_blocks, tokenize_corpus
-    from adaptflow.train import BatchSampler, LoopSettings, train
+    from adaptflow.train import BatchSampler, DeepSpeedEngine, LoopSettings, Runtime, TorchEngine, train
 
     runtime = Runtime.from_env()
     out.mkdir(parents=True, exist_ok=True)

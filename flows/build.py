@@ -1,7 +1,7 @@
 """The build flow: one recipe's stages, in order, each a task passing references.
 
-    adaptflow build domains/biomedical.yaml          # the CLI runs this flow
-    python -m flows.build domains/tiny.yaml          # or directly
+    adaptflow build domains/biomedical.yaml                 # the CLI runs this flow
+    python -m adaptflow.flows.build domains/tiny.yaml       # or directly
 """
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from adaptflow.config import load_recipe
 from adaptflow.errors import RecipeError
 from adaptflow.preflight import preflight_problems
-from adaptflow.tracking import build_summary
-from tasks.active_learning import select_examples
-from tasks.adapt import adapt
-from tasks.build_run import build_run
-from tasks.curate import curate
-from tasks.evaluate import evaluate
-from tasks.finetune import finetune, select_seed
-from tasks.prepare import prepare_data, prepare_model
-from tasks.pretrain import pretrain
-from tasks.register import register
-from tasks.self_instruct import self_instruct
+from adaptflow.recipe import load_recipe
+from adaptflow.tasks.active_learning import select_examples
+from adaptflow.tasks.adapt import adapt
+from adaptflow.tasks.build_run import build_run
+from adaptflow.tasks.curate import curate
+from adaptflow.tasks.evaluate import evaluate
+from adaptflow.tasks.finetune import finetune, select_seed
+from adaptflow.tasks.prepare import prepare_data, prepare_model
+from adaptflow.tasks.pretrain import pretrain
+from adaptflow.tasks.register import register
+from adaptflow.tasks.self_instruct import self_instruct
+from adaptflow.tracking.runs import build_summary
 
 
 def _run_name() -> str:
@@ -75,7 +75,7 @@ def build(
             finetuned = finetune.map(unmapped(ctx), unmapped(model), unmapped(data), seed=seeds).result()
             model = select_seed(ctx, finetuned)
             kind = data.tasks[recipe.stages.finetune.task].kind
-        if recipe.evaluation.enabled:
+        if "evaluate" in stages:
             report = evaluate(ctx, base, language_model, finetuned, data)
         if recipe.registry.enabled:
             register(ctx, model, kind, report)

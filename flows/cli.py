@@ -19,15 +19,17 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from adaptflow.config import Recipe, load_recipe
 from adaptflow.errors import AdaptflowError, RecipeError
-from adaptflow.report import HEADLINE_METRICS
+from adaptflow.tracking.report import HEADLINE_METRICS
+
+if TYPE_CHECKING:
+    from adaptflow.recipe import Recipe
 
 app = typer.Typer(help="Build domain-specialised language models as tracked, multi-stage workflows.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -70,15 +72,15 @@ def build(
 @app.command()
 def rerun(
     build_run_id: Annotated[str, typer.Argument(help="The build to rerun (its MLflow run id)")],
-    from_stage: Annotated[str, typer.Option("--from", help="Recompute from this stage on: pretrain | adapt | "
-                                                           "finetune | evaluate; earlier stages are reused")],
+    from_stage: Annotated[str, typer.Option("--from", help="Recompute from this stage on (any stage the build ran: "
+                                                           "curate, pretrain, …, evaluate); earlier stages are reused")],
     overrides: SetOption = None,
     tracking_uri: TrackingOption = None,
     summary_json: Annotated[Path | None, typer.Option(help="Write the build summary here as JSON")] = None,
     progress: Annotated[bool, typer.Option(help="Show a training progress bar")] = True,
 ) -> None:
     """Start a new build from an earlier build's recipe (plus --set changes), recomputing from one stage on."""
-    from adaptflow.reuse import rerun_recipe
+    from adaptflow.tracking.reuse import rerun_recipe
 
     client = _tracking_client(tracking_uri)
     try:
@@ -99,8 +101,8 @@ def status(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Recent builds, newest first: each stage's state, duration and reuse, and the registered version."""
-    from adaptflow.report import format_duration
-    from adaptflow.tracking import recent_builds
+    from adaptflow.tracking.report import format_duration
+    from adaptflow.tracking.runs import recent_builds
 
     builds = recent_builds(_tracking_client(tracking_uri), domain=domain, limit=limit)
     if as_json:
@@ -130,7 +132,7 @@ def deploy(
                                                            "(default: the worker's MLFLOW_TRACKING_URI)")] = None,
 ) -> None:
     """Create or update a Prefect deployment of the build flow per recipe, on the recipe's `schedule:`."""
-    from flows.deploy import deploy_recipes
+    from adaptflow.flows.deploy import deploy_recipes
 
     for recipe in recipes:
         _load_or_exit(recipe, overrides or [])
@@ -155,7 +157,7 @@ def promote(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Move the `champion` alias: to a version whose gates passed, or back. Every decision is audited."""
-    from adaptflow import registry
+    from adaptflow.tracking import registry
 
     client = _tracking_client(tracking_uri)
     try:
@@ -179,7 +181,7 @@ def report(
     """Write a build's HTML report (loss curves, metrics, gates, lineage) and its PNG plots locally."""
     from mlflow.exceptions import MlflowException
 
-    from adaptflow.report import write_report
+    from adaptflow.tracking.report import write_report
 
     client = _tracking_client(tracking_uri)
     try:
@@ -214,7 +216,7 @@ def main() -> None:
 
 def _run_build(summary_json: Path | None, recipe_path: str, **parameters) -> None:
     _configure_prefect()
-    from flows.build import build as build_flow
+    from adaptflow.flows.build import build as build_flow
 
     try:
         summary = build_flow(recipe_path, **parameters, checked=True)  # the caller ran `_load_or_exit`
@@ -237,6 +239,7 @@ def _tracking_client(tracking_uri: str | None):
 
 def _load_or_exit(path: Path, overrides: list[str], *, tracking_uri: str | None = None) -> Recipe:
     from adaptflow.preflight import preflight_problems
+    from adaptflow.recipe import load_recipe
 
     try:
         recipe = load_recipe(path, overrides)
@@ -276,7 +279,7 @@ def _print_mean_std(out: Console, metrics: dict, prefix: str, title: str, *, row
 
 def _print_curation(out: Console, metrics: dict) -> None:
     """What corpus curation removed, filter by filter, and which evaluation sets the corpus overlapped."""
-    from adaptflow.curation import FILTERS  # pulls in the data layer (pyarrow): not at start-up
+    from adaptflow.data.curation import FILTERS  # pulls in the data layer (pyarrow): not at start-up
 
     table = Table(title="corpus curation (documents; markup: documents cleaned; boilerplate: lines removed)")
     table.add_column("step")

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptflow.config import load_recipe
 from adaptflow.errors import ConfigError
+from adaptflow.recipe import load_recipe
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/build.py:build"
@@ -31,7 +31,7 @@ def deploy_recipes(paths: list[str | Path], *, pool: str, overrides: list[str] |
     """Create or update one deployment per recipe (named after its domain) in work pool `pool`."""
     from prefect.schedules import Cron
 
-    from flows.build import build
+    from adaptflow.flows.build import build
 
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigError("deployments live on a Prefect server: start one (`prefect server start`) and set "

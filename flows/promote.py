@@ -1,7 +1,7 @@
 """The promote flow: move a registered model's `champion` alias under the same rules as `adaptflow promote`,
 as a Prefect flow (schedulable, visible in the UI, e.g. after a nightly build's review window).
 
-    MLFLOW_TRACKING_URI=... python -m flows.promote adaptflow-biomedical [VERSION]
+    MLFLOW_TRACKING_URI=... python -m adaptflow.flows.promote adaptflow-biomedical [VERSION]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 from prefect import flow
 
-from adaptflow import registry
+from adaptflow.tracking import registry
 
 
 @flow(name="promote", flow_run_name="promote-{model}")

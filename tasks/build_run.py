@@ -11,12 +11,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from adaptflow.config import Recipe
 from adaptflow.errors import quiet_user_error_tracebacks
 from adaptflow.lineage import git_commit
-from adaptflow.report import publish_report
-from adaptflow.reuse import RECIPE_ARTIFACT
-from adaptflow.tracking import (
+from adaptflow.recipe import Recipe
+from adaptflow.tasks.context import BuildContext
+from adaptflow.tracking.report import publish_report
+from adaptflow.tracking.reuse import RECIPE_ARTIFACT
+from adaptflow.tracking.runs import (
     end_run,
     ensure_experiment,
     flatten,
@@ -25,7 +26,6 @@ from adaptflow.tracking import (
     resolve_tracking,
     start_run,
 )
-from tasks import BuildContext
 
 log = logging.getLogger("adaptflow.build")  # under "adaptflow": shown in Prefect's run logs
 
@@ -96,7 +96,7 @@ def close_crashed_attempts(client, experiment_id: str, flow_run_id: str | None) 
     RUNNING. Mark them KILLED, so nothing looks alive that is not. A build is known dead when its Prefect flow run
     is being retried (`prefect flow-run retry`: same flow run id), when it ran on this host and its process is
     gone, or, on another host, when its heartbeat has been silent for `STALE_AFTER_SECONDS`."""
-    from adaptflow.tracking import child_runs
+    from adaptflow.tracking.runs import child_runs
 
     running = client.search_runs([experiment_id], filter_string="tags.`adaptflow.kind` = 'build' and "
                                                                 "attributes.status = 'RUNNING'")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adaptflow.data import PreparedCorpus, load_texts, prepare_corpus
-from adaptflow.labelled import TaskSplits, label_counts, load_records, prepare_task
-from adaptflow.models import materialize_base_model, read_lineage
+from adaptflow.data.corpus import PreparedCorpus, load_texts, prepare_corpus
+from adaptflow.data.labelled import TaskSplits, label_counts, load_records, prepare_task
+from adaptflow.models.builders import materialize_base_model
+from adaptflow.models.checkpoints import read_lineage
 from adaptflow.refs import CheckpointRef
-from adaptflow.tracking import log_dataset, metrics_logger
-from tasks import BuildContext, stage_run, stage_task
+from adaptflow.tasks.context import BuildContext
+from adaptflow.tasks.retries import stage_task
+from adaptflow.tasks.stage_runs import child_run
+from adaptflow.tracking.runs import log_dataset, metrics_logger
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ def prepare_data(ctx: BuildContext) -> PreparedInputs:
     params = {"corpora": {name: recipe.corpora[name].model_dump(mode="json") for name in names},
               "tasks": {name: recipe.tasks[name].model_dump(mode="json") for name in task_names},
               "seed": recipe.seed}
-    with stage_run(ctx, "prepare", params=params) as (client, run_id):
+    with child_run(ctx, "prepare", params=params) as (client, run_id):
         log = metrics_logger(client, run_id)
         prepared = {}
         for name in names:
@@ -37,7 +40,7 @@ def prepare_data(ctx: BuildContext) -> PreparedInputs:
             prepared[name] = p = prepare_corpus(
                 corpus.path,
                 name=name,
-                out_dir=ctx.workdir / "datasets",
+                out_dir=ctx.datasets_dir,
                 format=corpus.format,
                 text_field=corpus.text_field,
                 validation_fraction=corpus.validation_fraction,
@@ -54,7 +57,7 @@ def prepare_data(ctx: BuildContext) -> PreparedInputs:
             })
         tasks = {}
         for name in task_names:
-            tasks[name] = splits = prepare_task(name, recipe.tasks[name], out_dir=ctx.workdir / "datasets",
+            tasks[name] = splits = prepare_task(name, recipe.tasks[name], out_dir=ctx.datasets_dir,
                                                 seed=recipe.seed)
             for split in ("train", "validation", "test"):
                 ref = getattr(splits, split)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from adaptflow.models import infer_objective
+from adaptflow.models.checkpoints import infer_objective
 from adaptflow.refs import CheckpointRef, EvalReport
-from adaptflow.registry import ANY, PromotionRefused, promote, register_build, version_tags
-from tasks import BuildContext, stage_task
+from adaptflow.tasks.context import BuildContext
+from adaptflow.tasks.retries import stage_task
+from adaptflow.tracking.registry import ANY, PromotionRefused, promote, register_build, version_tags
 
 
 @stage_task("register")
 def register(ctx: BuildContext, model: CheckpointRef, kind: str | None, report: EvalReport | None) -> str:
     """Register `model` on the build run; return its version. `kind` is the fine-tuned task's; without one the
     model is the adapted classifier, or (no adaptation, or the guard kept the input) the language model."""
-    if kind is None:
-        kind = "classification" if model.stage == "adapt" else infer_objective(model.uri)
+    if kind is None and model.stage == "adapt":  # the adapted classifier: its source task's kind
+        kind = ctx.recipe.tasks[ctx.recipe.stages.adapt.source_task].type
+    kind = kind or infer_objective(model.uri)
     gates = list(report.gates) if report is not None else []
     passed = report.passed if report is not None else True
     client = ctx.tracking.client()

@@ -52,7 +52,7 @@ def tiny_overrides(tmp_path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def abstracts() -> list[str]:
-    from adaptflow.data import read_texts
+    from adaptflow.data.corpus import read_texts
 
     return read_texts(str(DATA_ROOT / "biomedical/unlabelled_ncbi_abstracts/abstracts.txt"), max_rows=120)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from adaptflow.distributed import free_port
+from adaptflow.train.runtime import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from adaptflow.config import DistributedConfig, ModelConfig, PretrainConfig, TinyModelConfig
-from adaptflow.data import prepare_corpus
-from adaptflow.distributed import free_port
+from adaptflow.config import DistributedConfig, ModelConfig, TinyModelConfig
+from adaptflow.data.corpus import prepare_corpus
 from adaptflow.launch import StageFailed, _root_cause, join_launches, launch_stage
 from adaptflow.models import materialize_base_model
-from tasks import jsonable
+from adaptflow.stages import StageEnv, pretrain
+from adaptflow.train.runtime import free_port
 from tests.conftest import DOMAINS
 
 TWO_RANKS = DistributedConfig(launcher="torchrun", nproc_per_node=2, omp_num_threads=1, timeout_minutes=10)
@@ -34,23 +34,25 @@ def inputs(tmp_path_factory, abstracts):
     tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                            max_position_embeddings=64, vocab_size=300)
     base = materialize_base_model(ModelConfig(tiny=tiny), out_dir=tmp / "models", tokenizer_texts=abstracts, seed=0)
-    return {"base": base, "train_data": corpus.train, "validation_data": None, "replay_data": None, "seed": 0}
+    return pretrain.Inputs(base=base, train=corpus.train)
 
 
-def arguments(inputs, work_dir: Path, **config) -> dict:
-    settings = PretrainConfig(corpus="abstracts", block_size=32, batch_size=4, eval_every=0, log_every=1,
-                              **{"max_steps": 6, **config})
-    return {"config": settings.model_dump(mode="json")} | jsonable(inputs | {"work_dir": work_dir})
+def launch(inputs, work_dir: Path, *, distributed, job_dir, deepspeed=None, **config):
+    """The pretraining stage on tiny settings, launched on `distributed`'s ranks."""
+    settings = pretrain.Config(corpus="abstracts", block_size=32, batch_size=4, eval_every=0, log_every=1,
+                               **{"max_steps": 6, **config})
+    return launch_stage(pretrain, settings, inputs, StageEnv(work_dir=work_dir, deepspeed=deepspeed),
+                        distributed=distributed, job_dir=job_dir)
 
 
 DEEPSPEED_LAUNCHER = TWO_RANKS.model_copy(update={"launcher": "deepspeed"})
 
 
 def test_a_launched_stage_returns_rank_zeros_checkpoint(inputs, tmp_path):
-    result = launch_stage("pretrain", arguments(inputs, tmp_path / "stages"), distributed=TWO_RANKS,
-                          job_dir=tmp_path / "job")
-    assert result["world_size"] == 2 and result["stage"] == "pretrain"
-    assert (Path(result["uri"]) / "model.safetensors").is_file() and len(result["digest"]) == 16
+    ran = launch(inputs, tmp_path / "stages", distributed=TWO_RANKS, job_dir=tmp_path / "job")
+    result = ran.result.checkpoint
+    assert ran.world_size == 2 and result.stage == "pretrain"
+    assert (Path(result.uri) / "model.safetensors").is_file() and len(result.digest) == 16
     assert sorted(p.name for p in (tmp_path / "job" / "logs").glob("*/attempt_0/*")) == ["0", "1"]
 
 
@@ -59,17 +61,16 @@ def test_the_deepspeed_launcher_runs_a_stage_on_two_ranks_from_a_localhost_hostf
     hostfile.write_text("# host slots\nlocalhost slots=2\n")
     ranks = DistributedConfig(launcher="deepspeed", nproc_per_node=2, hostfile=str(hostfile), omp_num_threads=1,
                               rdzv_endpoint=f"127.0.0.1:{free_port()}", timeout_minutes=10)
-    result = launch_stage("pretrain", arguments(inputs, tmp_path / "stages") | {
-        "deepspeed": str(DOMAINS.parent / "infra/deepspeed/zero2.json")}, distributed=ranks, job_dir=tmp_path / "job")
-    assert result["world_size"] == 2 and (Path(result["uri"]) / "model.safetensors").is_file()
+    ran = launch(inputs, tmp_path / "stages", deepspeed=str(DOMAINS.parent / "infra/deepspeed/zero2.json"),
+                 distributed=ranks, job_dir=tmp_path / "job")
+    assert ran.world_size == 2 and (Path(ran.result.checkpoint.uri) / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("launcher", [TWO_RANKS, DEEPSPEED_LAUNCHER], ids=["torchrun", "deepspeed"])
 def test_an_error_on_the_ranks_fails_the_stage_with_their_last_lines(inputs, tmp_path, launcher):
-    broken = inputs | {"base": dataclasses.replace(inputs["base"], uri=str(tmp_path / "missing"))}
+    broken = dataclasses.replace(inputs, base=dataclasses.replace(inputs.base, uri=str(tmp_path / "missing")))
     with pytest.raises(StageFailed, match=r"(?s)failed on (local )?rank \d.*missing"):
-        launch_stage("pretrain", arguments(broken, tmp_path / "stages"), distributed=launcher,
-                     job_dir=tmp_path / "job")
+        launch(broken, tmp_path / "stages", distributed=launcher, job_dir=tmp_path / "job")
 
 
 def test_two_nodes_rendezvous_on_loopback_node_1_started_by_its_agent(inputs, tmp_path):
@@ -80,12 +81,11 @@ def test_two_nodes_rendezvous_on_loopback_node_1_started_by_its_agent(inputs, tm
     joined = []
     agent = threading.Thread(target=lambda: joined.append(join_launches(tmp_path, 1, poll_seconds=0.2)))
     agent.start()
-    result = launch_stage("pretrain", arguments(inputs, tmp_path / "stages"), distributed=nodes,
-                          job_dir=tmp_path / "launch" / "pretrain-key")
+    ran = launch(inputs, tmp_path / "stages", distributed=nodes, job_dir=tmp_path / "launch" / "pretrain-key")
     (tmp_path / "launch" / "agents.stop").touch()  # what node 0's job script does when the build ends
     agent.join(timeout=60)
-    assert joined == [1] and result["world_size"] == 2
-    assert (Path(result["uri"]) / "model.safetensors").is_file()
+    assert joined == [1] and ran.world_size == 2
+    assert (Path(ran.result.checkpoint.uri) / "model.safetensors").is_file()
     assert (tmp_path / "launch" / "pretrain-key" / "logs-node1").is_dir()
 
 
@@ -108,8 +108,7 @@ def rank_pids(spec: Path) -> dict[int, int]:
 @pytest.mark.parametrize("deepspeed", [None, "zero2.json"])
 def test_kill_9_of_one_rank_fails_the_stage_and_the_rerun_resumes_from_the_last_save(inputs, tmp_path, deepspeed):
     """Under DeepSpeed each rank saves its own ZeRO shard; the rerun loads them all (safetensors, no pickle)."""
-    extra = {"deepspeed": str(DOMAINS.parent / "infra/deepspeed" / deepspeed)} if deepspeed else {}
-    args = arguments(inputs, tmp_path / "stages", max_steps=400, save_every=5) | extra
+    deepspeed = str(DOMAINS.parent / "infra/deepspeed" / deepspeed) if deepspeed else None
     job = tmp_path / "job"
     states = tmp_path / "stages"
 
@@ -125,15 +124,15 @@ def test_kill_9_of_one_rank_fails_the_stage_and_the_rerun_resumes_from_the_last_
     killer = threading.Thread(target=kill_rank_one_after_a_save)
     killer.start()
     with pytest.raises(StageFailed, match="failed") as failure:
-        launch_stage("pretrain", args, distributed=TWO_RANKS, job_dir=job)
+        launch(inputs, states, max_steps=400, save_every=5, deepspeed=deepspeed, distributed=TWO_RANKS, job_dir=job)
     killer.join()
     assert "failed on local rank 1 (killed by signal 9 (SIGKILL))" in str(failure.value), str(failure.value)
     saved_step = int(sorted(states.glob("pretrain-*/checkpoints/step-*"))[-1].name.split("-")[1])
     assert 0 < saved_step < 400
 
-    rerun = launch_stage("pretrain", arguments(inputs, states, max_steps=400, save_every=5) | extra,
-                         distributed=TWO_RANKS, job_dir=job)
-    assert rerun["world_size"] == 2
+    rerun = launch(inputs, states, max_steps=400, save_every=5, deepspeed=deepspeed, distributed=TWO_RANKS,
+                   job_dir=job)
+    assert rerun.world_size == 2
     latest = max(job.glob("logs/*/attempt_0/0/stderr.log"), key=lambda p: p.stat().st_mtime)  # the rerun's
     rank0_log = latest.read_text()
     resumed = re.search(r"resuming pretrain from .* \(step (\d+) of 400\)", rank0_log)

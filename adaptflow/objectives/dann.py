@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptflow.objectives.classification import SequenceClassification
+from adaptflow.kinds.classification import SequenceClassification
 from adaptflow.objectives.padding import model_inputs, pad_batch
 
 

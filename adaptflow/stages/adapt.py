@@ -1,6 +1,6 @@
 """Adversarial domain adaptation (DANN): labelled source task + unlabelled target text → adapted classifier.
 
-    run_adapt(config, source=TaskSplits, target=DatasetRef, ...) -> AdaptResult
+    adapt.run(Config(...), Inputs(base=..., source=TaskSplits, target=..., target_heldout=...), env) -> Result
 
 The classifier trains on source labels while a discriminator behind a gradient-reversal layer learns to
 tell source from target features. Published results show the gain is real on average but negative for some
@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
-from adaptflow.config import AdaptConfig
-from adaptflow.data import load_texts
-from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
-from adaptflow.labelled import TaskSplits, load_records
+from adaptflow import kinds
+from adaptflow.config.base import CorpusName, NonNegativeInt, PositiveFloat, PositiveInt, Reference, Section
+from adaptflow.config.optimization import EvalEvery, Optimization
+from adaptflow.data.corpus import load_texts
+from adaptflow.data.labelled import TaskSplits, load_records
+from adaptflow.evaluation.scoring import EVAL_BATCH, score
 from adaptflow.lineage import stage_cache_key, stage_lineage
-from adaptflow.models import checkpoint_parameter_names, load_task_model, load_tokenizer, save_checkpoint
+from adaptflow.models.checkpoints import checkpoint_parameter_names, load_task_model, load_tokenizer, save_checkpoint
+from adaptflow.models.layers import layer_groups, reinitialise_pooler
 from adaptflow.objectives.dann import (
     DANNModel,
     DomainAdversarial,
@@ -31,18 +35,83 @@ from adaptflow.objectives.dann import (
     PairedSampler,
     adversarial_weight,
 )
-from adaptflow.peft import apply_strategy, layer_groups, param_groups
-from adaptflow.refs import CheckpointRef, DatasetRef
-from adaptflow.stages.finetune import _reinitialise_pooler, encode, score
-from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, adamw, train
+from adaptflow.objectives.padding import pad_batch
+from adaptflow.refs import CheckpointRef, DatasetRef, Record
+from adaptflow.regularizers import base_name
+from adaptflow.stages.contract import StageEnv
+from adaptflow.strategies import StrategySettings, apply_strategy
+from adaptflow.train import BatchSampler, adamw, loop_settings, make_engine, param_groups, train
 
 log = logging.getLogger(__name__)
-STAGE = "adapt"
-EVAL_BATCH = 64
+NAME = "adapt"
+DISTRIBUTED = True
+REUSABLE = True
+LAMBDA_SCHEDULES = ("ganin", "constant", "warm_start")
+ClassificationTask = Annotated[str, Reference("tasks", kind="classification")]
+
+
+class DiscriminatorConfig(Section):
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [100])
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    lr: PositiveFloat | None = 1e-3  # its own rate: at the encoder's rate it loses the game (see DESIGN.md)
+
+
+class GuardConfig(Section):
+    """Negative-transfer guard: keep the input checkpoint unless DANN beats a source-only run on the target."""
+
+    enabled: bool = True
+    tolerance: Annotated[float, Field(ge=0)] = 0.01
+
+
+class Config(Optimization):
+    """Adversarial domain adaptation (DANN) from a labelled source task to unlabelled target text. `schedule` is
+    the learning-rate schedule, as in every training stage; the adversary's weight λ follows `lambda_schedule`."""
+
+    resumable = False
+
+    enabled: bool = True
+    source_task: ClassificationTask
+    target_corpus: CorpusName
+    target_task: ClassificationTask | None = None  # labelled target data: its validation split is the guard's proxy
+    strategy: Literal["full", "lora"] = "full"
+    peft: dict[str, Any] = Field(default_factory=dict)
+    lambda_schedule: Literal["ganin", "constant", "warm_start"] = "ganin"
+    gamma: PositiveFloat = 10.0
+    lambda_max: Annotated[float, Field(ge=0)] = 1.0  # 0: source-only training with a spectator discriminator
+    warm_start: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    freeze_layers: NonNegativeInt = 0
+    max_length: Annotated[int, Field(ge=8)] = 256
+    batch_size: PositiveInt = 16
+    max_steps: PositiveInt = 300
+    lr: PositiveFloat = 3e-5
+    head_lr: PositiveFloat | None = 1e-3
+    eval_every: EvalEvery = 100
+    max_eval_examples: PositiveInt = 1000
+    guard: GuardConfig = GuardConfig()
+    seed: int | None = None
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _not_a_lambda_schedule(cls, value):
+        if value in ("ganin", "warm_start"):  # what `schedule` meant here before it was the lr schedule
+            raise ValueError(f"{value!r} is a λ schedule; did you mean lambda_schedule: {value}? (schedule is the "
+                             "learning-rate schedule: linear, cosine or constant)")
+        return value
 
 
 @dataclass(frozen=True)
-class AdaptResult:
+class Inputs(Record):
+    base: CheckpointRef
+    source: TaskSplits  # labelled source task (classification)
+    target: DatasetRef = field(metadata={"context": "target/train"})  # unlabelled target text to align with
+    target_heldout: DatasetRef = field(metadata={"context": "target/heldout"})  # for the domain probes
+    # Labelled target data, never trained on: its validation split is the guard's proxy, the rest is reported.
+    target_labelled: TaskSplits | None = field(default=None, metadata={"context": "target/labelled"})
+
+
+@dataclass(frozen=True)
+class Result(Record):
     """`checkpoint` flows on: the adapted model if the guard accepted it, else the stage's input."""
 
     checkpoint: CheckpointRef
@@ -51,66 +120,41 @@ class AdaptResult:
     reason: str
     metrics: dict[str, float]
 
-    @classmethod
-    def from_dict(cls, data: dict) -> AdaptResult:
-        """Back from `dataclasses.asdict` (a launched stage's JSON result)."""
-        return cls(**data | {name: CheckpointRef(**data[name]) for name in ("checkpoint", "adapted")})
+
+def cache_key(config: Config, inputs: Inputs, seed: int) -> str:
+    return stage_cache_key(NAME, config.model_dump(mode="json"), inputs, _seed(config, seed))
 
 
-def adapt_cache_key(config: AdaptConfig, base: CheckpointRef, datasets: list[DatasetRef], seed: int) -> str:
-    return stage_cache_key(STAGE, config.model_dump(mode="json") | {"seed": seed}, base.digest, datasets)
-
-
-def run_adapt(
-    config: AdaptConfig,
-    *,
-    source: TaskSplits,
-    target: DatasetRef,
-    target_heldout: DatasetRef,
-    target_labelled: TaskSplits | None = None,
-    base: CheckpointRef,
-    work_dir: str | Path,
-    seed: int = 0,
-    mlflow_run_id: str | None = None,
-    build_run_id: str | None = None,
-    log_metrics: MetricsSink | None = None,
-    progress: bool = False,
-    runtime: Runtime = SINGLE,
-    deepspeed: str | dict | None = None,
-) -> AdaptResult:
-    """DANN on `source` (labelled) and `target` (unlabelled text), then the guard; write
-    `work_dir/adapt-<key>/final`. Under a launcher every rank calls this and rank 0 alone logs and saves;
-    `deepspeed` (a DeepSpeed JSON config) runs both training runs under ZeRO."""
-    log_metrics = (log_metrics if runtime.is_main else None) or (lambda step, metrics: None)
-    datasets = [d for d in (source.train, source.validation, target, target_heldout) if d is not None]
-    if target_labelled is not None:
-        datasets += [d for d in (target_labelled.train, target_labelled.validation) if d is not None]
-    key = adapt_cache_key(config, base, datasets, seed)
-    stage_dir = Path(work_dir) / f"{STAGE}-{key}"
-    labels = list(source.labels)
+def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
+    """DANN on `inputs.source` (labelled) and `inputs.target` (unlabelled text), then the guard; write
+    `<work_dir>/adapt-<key>/final`. Under a launcher every rank calls this and rank 0 alone logs and saves;
+    `env.deepspeed` runs both training runs under ZeRO."""
+    runtime, seed, base = env.runtime, _seed(config, env.seed), inputs.base
+    key = cache_key(config, inputs, env.seed)
+    stage_dir = env.stage_dir(NAME, key)
+    labels = list(inputs.source.labels)
 
     tokenizer = load_tokenizer(base)  # the models themselves are built per run, in _train
-    data = _AdaptData(config, tokenizer, labels, source, target, target_heldout, target_labelled, seed)
+    data = _AdaptData(config, tokenizer, labels, inputs, seed)
     before = _domain_probe(base, labels, data, seed, runtime.device())
-    log_metrics(0, {f"{k}_before": v for k, v in before.items()})
+    env.metrics(0, {f"{k}_before": v for k, v in before.items()})
 
-    def run(lambda_max: float, sink: MetricsSink | None):
-        return _train(config, base, labels, data, seed, sink, progress, lambda_max=lambda_max, runtime=runtime,
-                      deepspeed=deepspeed)
+    def train_once(lambda_max: float, log_metrics):
+        return _train(config, base, labels, data, seed, log_metrics, env, lambda_max=lambda_max)
 
-    adapted, metrics, engine = run(config.lambda_max, log_metrics)
+    adapted, metrics, engine = train_once(config.lambda_max, env.metrics)
     metrics |= {f"{k}_before": v for k, v in before.items()}
     accepted, reason = True, "guard disabled"
     if config.guard.enabled:
-        _, reference, _ = run(0.0, None)
+        _, reference, _ = train_once(0.0, None)
         metrics |= {f"reference_{k}": v for k, v in reference.items() if k.startswith(("target_", "source_"))}
         accepted, reason = guard_decision(metrics, reference, tolerance=config.guard.tolerance)
         log.info("negative-transfer guard: %s (%s)", "accepted" if accepted else "rejected", reason)
     metrics["accepted"] = float(accepted)
 
     lineage = stage_lineage(
-        STAGE, config=config.model_dump(mode="json") | {"seed": seed, "labels": labels}, cache_key=key,
-        input_checkpoint=base, datasets=datasets, mlflow_run_id=mlflow_run_id, build_run_id=build_run_id,
+        NAME, config=config.model_dump(mode="json") | {"seed": seed, "labels": labels}, cache_key=key,
+        inputs=inputs, mlflow_run_id=env.mlflow_run_id, build_run_id=env.build_run_id,
     ) | {"metrics": metrics, "guard": {"accepted": accepted, "reason": reason}}
     final = stage_dir / "final"
     digest = ""
@@ -121,9 +165,9 @@ def run_adapt(
                 classifier = classifier.merge_and_unload()
             digest = save_checkpoint(classifier, tokenizer, final, lineage=lineage)
     runtime.barrier()
-    adapted_ref = CheckpointRef(uri=str(final), digest=digest, stage=STAGE, mlflow_run_id=mlflow_run_id)
-    return AdaptResult(checkpoint=adapted_ref if accepted else base, adapted=adapted_ref, accepted=accepted,
-                       reason=reason, metrics=metrics)
+    adapted_ref = CheckpointRef(uri=str(final), digest=digest, stage=NAME, mlflow_run_id=env.mlflow_run_id)
+    return Result(checkpoint=adapted_ref if accepted else base, adapted=adapted_ref, accepted=accepted,
+                  reason=reason, metrics=metrics)
 
 
 def guard_decision(dann: dict[str, float], reference: dict[str, float], *, tolerance: float) -> tuple[bool, str]:
@@ -149,25 +193,30 @@ def guard_decision(dann: dict[str, float], reference: dict[str, float], *, toler
 class _AdaptData:
     """Every split the stage reads, tokenised once and shared by the DANN and reference runs."""
 
-    def __init__(self, config, tokenizer, labels, source, target, target_heldout, target_labelled, seed):
+    def __init__(self, config: Config, tokenizer, labels: list[str], inputs: Inputs, seed: int):
+        self.kind = kinds.get(inputs.source.kind)
+
         def cap(items: list) -> list:
             return _sample(items, config.max_eval_examples, seed)
 
-        self.source_train = encode(load_records(source.train), "classification", tokenizer, config, labels)
-        self.source_val = cap(encode(load_records(source.validation), "classification", tokenizer, config,
-                                     labels)) if source.validation else []
-        self.target_train = _encode_texts(load_texts(target), tokenizer, config.max_length)
-        self.target_heldout = cap(_encode_texts(load_texts(target_heldout), tokenizer, config.max_length))
+        def encode(split: DatasetRef) -> list[dict]:
+            return self.kind.encode(load_records(split), tokenizer, labels=labels, max_length=config.max_length,
+                                    prompt_template=None)
+
+        source, target_labelled = inputs.source, inputs.target_labelled
+        self.source_train = encode(source.train)
+        self.source_val = cap(encode(source.validation)) if source.validation else []
+        self.target_train = _encode_texts(load_texts(inputs.target), tokenizer, config.max_length)
+        self.target_heldout = cap(_encode_texts(load_texts(inputs.target_heldout), tokenizer, config.max_length))
         # Labelled target data is never trained on: its validation split is the guard's proxy, its train
         # split (and test split, if any) the target numbers a report quotes.
         self.target_val, self.target_test = [], []
         if target_labelled is not None:
             if target_labelled.validation is not None:
-                self.target_val = cap(encode(load_records(target_labelled.validation), "classification",
-                                             tokenizer, config, labels))
+                self.target_val = cap(encode(target_labelled.validation))
             for split in (target_labelled.train, target_labelled.test):
                 if split is not None:
-                    self.target_test += encode(load_records(split), "classification", tokenizer, config, labels)
+                    self.target_test += encode(split)
         if not self.source_val:
             raise ValueError("the adapt stage needs a source validation split (set validation or validation_fraction)")
         self.pad_id = tokenizer.pad_token_id
@@ -187,15 +236,19 @@ def _encode_texts(texts: list[str], tokenizer, max_length: int) -> list[dict]:
     return [{"input_ids": ids, "label": 0} for ids in enc["input_ids"]]
 
 
-def _build(config: AdaptConfig, base: CheckpointRef, labels: list[str], seed: int, total_steps: int):
-    model, _ = load_task_model(base, "classification", labels, seed=seed)
-    pretrained = checkpoint_parameter_names(model, base.uri) - _reinitialise_pooler(model, seed)
-    new = {n for n, _ in model.named_parameters() if n not in pretrained}
+def _seed(config: Config, seed: int) -> int:
+    return config.seed if config.seed is not None else seed
+
+
+def _build(config: Config, base: CheckpointRef, labels: list[str], kind, seed: int, total_steps: int):
+    model, _ = load_task_model(base, kind.name, labels, seed=seed)
+    pretrained = checkpoint_parameter_names(model, base.uri) - reinitialise_pooler(model, seed)
+    new = frozenset(n for n, _ in model.named_parameters() if n not in pretrained)
     for group in layer_groups(model)[: config.freeze_layers + 1 if config.freeze_layers else 0]:
         for p in group:
             p.requires_grad_(False)
-    strategy = apply_strategy(model, config.strategy, kind="classification", peft_config=config.peft,
-                              total_steps=total_steps, new_parameters=new, seed=seed)
+    strategy = apply_strategy(model, config.strategy, StrategySettings(
+        kind=kind, section="stages.adapt", peft=config.peft, total_steps=total_steps, new_parameters=new), seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         discriminator = DomainDiscriminator(model.config.hidden_size, config.discriminator.hidden,
@@ -203,54 +256,43 @@ def _build(config: AdaptConfig, base: CheckpointRef, labels: list[str], seed: in
     return DANNModel(strategy.model, discriminator), new
 
 
-def _train(config, base, labels, data: _AdaptData, seed, log_metrics, progress, *, lambda_max: float,
-           runtime: Runtime, deepspeed: str | dict | None):
-    model, new = _build(config, base, labels, seed, config.max_steps)
+def _train(config: Config, base: CheckpointRef, labels: list[str], data: _AdaptData, seed: int, log_metrics,
+           env: StageEnv, *, lambda_max: float):
+    model, new = _build(config, base, labels, data.kind, seed, config.max_steps)
+    runtime = env.runtime
     device = runtime.device()
     model.to(device)
     objective = DomainAdversarial(data.pad_id)
 
     def set_weight(step: int) -> None:
-        objective.weight = adversarial_weight(config.schedule, step / config.max_steps, gamma=config.gamma,
+        objective.weight = adversarial_weight(config.lambda_schedule, step / config.max_steps, gamma=config.gamma,
                                               maximum=lambda_max, warm_start=config.warm_start)
 
     named = list(model.classifier.named_parameters())
-    groups = param_groups([p for n, p in named if _strip(n) not in new], config.lr, config.weight_decay, "body")
-    groups += param_groups([p for n, p in named if _strip(n) in new], config.head_lr or config.lr,
+    groups = param_groups([p for n, p in named if base_name(n) not in new], config.lr, config.weight_decay, "body")
+    groups += param_groups([p for n, p in named if base_name(n) in new], config.head_lr or config.lr,
                            config.weight_decay, "head")
     groups += param_groups(model.discriminator.parameters(), config.discriminator.lr or config.lr,
                            config.weight_decay, "discriminator")
     optimizer = adamw(groups, lr=config.lr)
-    if deepspeed is not None:
-        engine = DeepSpeedEngine(model, optimizer, runtime, config=deepspeed, micro_batch_size=config.batch_size,
-                                 grad_accum_steps=1, max_grad_norm=config.max_grad_norm, bf16=config.bf16)
-    else:
-        engine = TorchEngine(model, optimizer, runtime, max_grad_norm=config.max_grad_norm)
-    sampler = PairedSampler(
-        BatchSampler(data.source_train, config.batch_size, seed,
-                     lengths=[len(i["input_ids"]) for i in data.source_train]),
-        BatchSampler(data.target_train, config.batch_size, seed + 1,
-                     lengths=[len(i["input_ids"]) for i in data.target_train]),
-    )
+    engine = make_engine(model, optimizer, runtime, config, micro_batch_size=config.batch_size,
+                         deepspeed=env.deepspeed)
+    source = BatchSampler(data.source_train, config.batch_size, seed,
+                          lengths=[len(i["input_ids"]) for i in data.source_train])
+    sampler = PairedSampler(source, BatchSampler(data.target_train, config.batch_size, seed + 1,
+                                                 lengths=[len(i["input_ids"]) for i in data.target_train]))
 
     def evaluate() -> dict[str, float]:
         return objective.training_stats() | evaluate_adaptation(model, data, device)
 
-    result = train(
-        model, objective, sampler, optimizer,
-        LoopSettings(max_steps=config.max_steps, max_grad_norm=config.max_grad_norm, bf16=config.bf16,
-                     warmup_ratio=config.warmup_ratio, log_every=config.log_every,
-                     eval_every=config.eval_every or config.max_steps, seed=seed, progress=progress,
-                     description=f"{STAGE} λ≤{lambda_max:g}", eval_at_start=False),
-        device=device, step_hooks=[set_weight], evaluate=evaluate, log_metrics=log_metrics, runtime=runtime,
-        engine=engine,
-    )
+    settings = loop_settings(config, max_steps=config.max_steps, steps_per_epoch=source.per_epoch // config.grad_accum_steps,
+                             seed=seed, evaluates=True, progress=env.progress, description=f"{NAME} λ≤{lambda_max:g}")
+    result = train(model, objective, sampler, optimizer, settings, device=device, step_hooks=[set_weight],
+                   evaluate=evaluate, log_metrics=log_metrics, runtime=runtime, engine=engine)
     metrics = dict(result.eval_metrics)
     if data.target_test:
-        from adaptflow.objectives.classification import SequenceClassification
-
-        scores, _ = score(model.classifier, SequenceClassification(data.pad_id), data.target_test, "classification",
-                          data.labels, batch_size=EVAL_BATCH, device=device)
+        scores, _ = score(model.classifier, data.kind, data.kind.objective(data.pad_id, data.labels), data.target_test,
+                          data.labels, device=device)
         metrics |= {f"target_test_{k}": v for k, v in scores.items() if k in {"accuracy", "macro_f1"}}
     return model, metrics, engine
 
@@ -259,15 +301,12 @@ def _train(config, base, labels, data: _AdaptData, seed, log_metrics, progress, 
 def evaluate_adaptation(model: DANNModel, data: _AdaptData, device) -> dict[str, float]:
     """Source task metrics, target metrics (if labelled), held-out discriminator accuracy and domain loss, a
     linear-probe domain accuracy with its proxy A-distance, and target information maximisation."""
-    from adaptflow.objectives.classification import SequenceClassification
-
-    task = SequenceClassification(data.pad_id)
-    out = {f"source_{k}": v for k, v in score(model.classifier, task, data.source_val, "classification", data.labels,
-                                               batch_size=EVAL_BATCH, device=device)[0].items()
+    task = data.kind.objective(data.pad_id, data.labels)
+    out = {f"source_{k}": v for k, v in score(model.classifier, data.kind, task, data.source_val, data.labels,
+                                               device=device)[0].items()
            if k in {"accuracy", "macro_f1", "loss"}}
     if data.target_val:
-        target_scores, _ = score(model.classifier, task, data.target_val, "classification", data.labels,
-                                 batch_size=EVAL_BATCH, device=device)
+        target_scores, _ = score(model.classifier, data.kind, task, data.target_val, data.labels, device=device)
         out |= {f"target_{k}": v for k, v in target_scores.items() if k in {"accuracy", "macro_f1", "loss"}}
     source_features, _ = _features(model, data.source_val, data.pad_id, device)
     target_features, target_probs = _features(model, data.target_heldout, data.pad_id, device)
@@ -309,8 +348,6 @@ def information_maximisation(probs: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _features(model: DANNModel, items: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from adaptflow.objectives.padding import pad_batch
-
     model.eval()
     features, probs = [], []
     order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
@@ -324,10 +361,8 @@ def _features(model: DANNModel, items: list[dict], pad_id: int, device) -> tuple
 
 def _domain_probe(base: CheckpointRef, labels, data: _AdaptData, seed: int, device) -> dict[str, float]:
     """Linear-probe domain accuracy and proxy A-distance of the input model's features, before the stage."""
-    from adaptflow.objectives.dann import DomainDiscriminator
-
-    model, _ = load_task_model(base, "classification", labels, seed=seed)
-    _reinitialise_pooler(model, seed)  # the features the stage itself starts from
+    model, _ = load_task_model(base, data.kind.name, labels, seed=seed)
+    reinitialise_pooler(model, seed)  # the features the stage itself starts from
     wrapped = DANNModel(model, DomainDiscriminator(model.config.hidden_size, [1]))
     wrapped.to(device)
     source, _ = _features(wrapped, data.source_val, data.pad_id, device)
@@ -337,8 +372,3 @@ def _domain_probe(base: CheckpointRef, labels, data: _AdaptData, seed: int, devi
     probe = linear_probe_accuracy(features, domains, seed=seed)
     return {"probe_domain_accuracy": probe, "proxy_a_distance": 2.0 * (1.0 - 2.0 * (1.0 - probe))}
 
-
-def _strip(name: str) -> str:
-    from adaptflow.regularizers import base_name
-
-    return base_name(name)

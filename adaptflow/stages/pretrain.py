@@ -1,82 +1,112 @@
 """Continued domain pretraining (DAPT/TAPT): masked LM for encoders, causal LM for decoders.
 
-    run_pretrain(config, base=..., train=..., validation=..., replay=..., work_dir=...) -> CheckpointRef
+    pretrain.run(Config(...), Inputs(base=..., train=..., validation=..., replay=...), env) -> Result
 
 Documents are packed into full blocks (no padding), optionally mixed with general text ("replay") against
 forgetting. A head that starts untrained (the packaged MiniLM has no MLM head) can damage the encoder before
 it learns anything, so `head_warmup_steps` trains the head alone on a frozen encoder first, at `head_lr`.
+A run interrupted after a periodic save (`save_every`) resumes from it when run again with the same inputs
+(same cache key), replaying exactly the steps an uninterrupted run would have taken; with a checkpoint mirror
+(an `s3://` URI or a path) each save is copied there too, and a run that finds no local save resumes from the
+mirror's.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from adaptflow import storage
-from adaptflow.checkpointing import fetch_state, latest_training_state, mirror_state, state_dir
-from adaptflow.config import PretrainConfig
-from adaptflow.data import load_texts
-from adaptflow.distributed import SINGLE, DeepSpeedEngine, Runtime, TorchEngine
+from adaptflow.config.base import CorpusName, NonNegativeInt, PositiveInt, Probability, Section
+from adaptflow.config.optimization import EvalEvery, Optimization
+from adaptflow.data.corpus import load_texts
+from adaptflow.data.tokenize import mix_replay, pack_blocks, tokenize_corpus
 from adaptflow.errors import ConfigError
-from adaptflow.evaluate import perplexity
+from adaptflow.evaluation.perplexity import perplexity
 from adaptflow.lineage import stage_cache_key, stage_lineage
-from adaptflow.models import infer_objective, load_model, save_checkpoint
+from adaptflow.models.checkpoints import infer_objective, load_model, save_checkpoint
 from adaptflow.objectives import build_objective
 from adaptflow.objectives.mlm import split_mlm_head
-from adaptflow.refs import CheckpointRef, DatasetRef
-from adaptflow.tokenize import mix_replay, pack_blocks, tokenize_corpus
-from adaptflow.train import BatchSampler, LoopSettings, MetricsSink, adamw, train
+from adaptflow.refs import CheckpointRef, DatasetRef, Record
+from adaptflow.stages.contract import StageEnv
+from adaptflow.train import BatchSampler, adamw, loop_settings, make_engine, param_groups, train
+from adaptflow.train.checkpointing import fetch_state, latest_training_state, mirror_state, state_dir
 
 log = logging.getLogger(__name__)
-STAGE = "pretrain"
+NAME = "pretrain"
+DISTRIBUTED = True
+REUSABLE = True
 
 
-def pretrain_cache_key(config: PretrainConfig, base: CheckpointRef, datasets: list[DatasetRef], seed: int) -> str:
-    return stage_cache_key(STAGE, {**config.model_dump(mode="json"), "seed": seed}, base.digest, datasets)
+class ReplayConfig(Section):
+    """Mix general text into pretraining against forgetting: `ratio` of the training blocks come from it."""
+
+    corpus: CorpusName
+    ratio: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
 
-def run_pretrain(
-    config: PretrainConfig,
-    *,
-    base: CheckpointRef,
-    train_data: DatasetRef,
-    validation_data: DatasetRef | None,
-    replay_data: DatasetRef | None = None,
-    work_dir: str | Path,
-    cache_dir: str | Path | None = None,
-    seed: int = 0,
-    mlflow_run_id: str | None = None,
-    build_run_id: str | None = None,
-    log_metrics: MetricsSink | None = None,
-    progress: bool = False,
-    trust_remote_code: bool = False,
-    runtime: Runtime = SINGLE,
-    deepspeed: str | dict | None = None,
-    checkpoint_mirror: str | None = None,
-    resume: bool = True,
-) -> CheckpointRef:
-    """Continue pretraining `base` on `train_data`; write `work_dir/pretrain-<key>/final` and return its ref.
+class Config(Optimization):
+    """Continued domain pretraining (DAPT/TAPT): masked LM for encoders, causal LM for decoders."""
 
-    A run interrupted after a periodic save (`save_every`) resumes from it when called again with the
-    same inputs (same cache key), replaying exactly the steps an uninterrupted run would have taken.
+    enabled: bool = True
+    corpus: CorpusName = "domain"
+    objective: Literal["auto", "mlm", "clm"] = "auto"
+    mlm_probability: Probability = 0.15
+    whole_word_masking: bool = False
+    block_size: Annotated[int, Field(ge=8)] = 128
+    batch_size: PositiveInt = 16
+    max_steps: PositiveInt = 200
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    head_warmup_steps: NonNegativeInt = 0
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.06
+    eval_every: EvalEvery = 50
+    eval_max_blocks: PositiveInt = 64
+    replay: ReplayConfig | None = None
 
-    With `checkpoint_mirror` (an `s3://` URI or a path) each periodic save is copied there too, and a run
-    that finds no local save resumes from the mirror's. `resume=False` starts from step 0 and drops the local
-    saves (a forced recompute).
+    @model_validator(mode="after")
+    def _head_warmup_fits(self) -> Config:
+        if self.head_warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"head_warmup_steps ({self.head_warmup_steps}) must be < max_steps ({self.max_steps}), "
+                "or the encoder never trains"
+            )
+        return self
 
-    Under a launcher every rank calls this; `deepspeed` (a DeepSpeed JSON config) runs the loop under ZeRO.
-    Rank 0 alone logs and writes checkpoints.
+
+@dataclass(frozen=True)
+class Inputs(Record):
+    base: CheckpointRef
+    train: DatasetRef
+    validation: DatasetRef | None = None  # held-out blocks for the perplexity monitor
+    replay: DatasetRef | None = None  # general text mixed in at `replay.ratio`
+
+
+@dataclass(frozen=True)
+class Result(Record):
+    checkpoint: CheckpointRef
+
+
+def cache_key(config: Config, inputs: Inputs, seed: int) -> str:
+    return stage_cache_key(NAME, config.model_dump(mode="json"), inputs, seed)
+
+
+def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
+    """Continue pretraining `inputs.base` on `inputs.train`; write `<work_dir>/pretrain-<key>/final`.
+
+    Under a launcher every rank calls this; `env.deepspeed` runs the loop under ZeRO. Rank 0 alone logs and writes
+    checkpoints. `env.resume=False` starts from step 0 and drops the local saves (a forced recompute).
     """
-    log_metrics = log_metrics or (lambda step, metrics: None)
-    datasets = [d for d in (train_data, validation_data, replay_data) if d is not None]
-    key = pretrain_cache_key(config, base, datasets, seed)
-    stage_dir = Path(work_dir) / f"{STAGE}-{key}"
-    objective_name = infer_objective(base.uri) if config.objective == "auto" else config.objective
+    runtime, seed = env.runtime, env.seed
+    key = cache_key(config, inputs, seed)
+    stage_dir = env.stage_dir(NAME, key)
+    objective_name = infer_objective(inputs.base.uri) if config.objective == "auto" else config.objective
 
-    model, tokenizer = load_model(base, objective_name, seed=seed, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(inputs.base, objective_name, seed=seed, trust_remote_code=env.trust_remote_code)
     objective = build_objective(
         objective_name, tokenizer, mlm_probability=config.mlm_probability, whole_word_masking=config.whole_word_masking
     )
@@ -89,20 +119,21 @@ def run_pretrain(
 
     def blocks_of(ref: DatasetRef) -> torch.Tensor:
         corpus = tokenize_corpus(
-            load_texts(ref), tokenizer, objective=objective_name, cache_dir=cache_dir, dataset_digest=ref.digest
+            load_texts(ref), tokenizer, objective=objective_name, cache_dir=env.cache_dir, dataset_digest=ref.digest
         )
         return pack_blocks(corpus, config.block_size)
 
-    domain_blocks = blocks_of(train_data)
+    domain_blocks = blocks_of(inputs.train)
     blocks = domain_blocks
-    if replay_data is not None and config.replay is not None:
-        blocks = mix_replay(domain_blocks, blocks_of(replay_data), config.replay.ratio, seed=seed)
-    eval_blocks = blocks_of(validation_data)[: config.eval_max_blocks] if validation_data is not None else None
+    if inputs.replay is not None and config.replay is not None:
+        blocks = mix_replay(domain_blocks, blocks_of(inputs.replay), config.replay.ratio, seed=seed)
+    validation = inputs.validation if inputs.validation is not None and inputs.validation.rows else None
+    eval_blocks = blocks_of(validation)[: config.eval_max_blocks] if validation is not None else None
     if eval_blocks is not None and len(eval_blocks) == 0:
-        log.warning("validation split of %s is shorter than one block: no held-out evaluation", train_data.name)
+        log.warning("validation split of %s is shorter than one block: no held-out evaluation", inputs.train.name)
         eval_blocks = None
     sampler = BatchSampler(blocks, config.batch_size, seed)
-    log_metrics(0, {
+    env.metrics(0, {
         "domain_blocks": len(domain_blocks),
         "replay_blocks": len(blocks) - len(domain_blocks),
         "eval_blocks": 0 if eval_blocks is None else len(eval_blocks),
@@ -113,23 +144,19 @@ def run_pretrain(
     device = runtime.device()
     model.to(device)
     optimizer, freeze = _optimizer_and_freezing(model, config)
-    if deepspeed is not None:
-        engine = DeepSpeedEngine(model, optimizer, runtime, config=deepspeed, micro_batch_size=config.batch_size,
-                                 grad_accum_steps=config.grad_accum_steps, max_grad_norm=config.max_grad_norm,
-                                 bf16=config.bf16)
-    else:
-        engine = TorchEngine(model, optimizer, runtime, max_grad_norm=config.max_grad_norm)
+    engine = make_engine(model, optimizer, runtime, config, micro_batch_size=config.batch_size,
+                         deepspeed=env.deepspeed)
     start_step = 0
     states = stage_dir / "checkpoints"
-    mirror = storage.join(checkpoint_mirror, stage_dir.name) if checkpoint_mirror else None
-    if not resume and runtime.is_main:
+    mirror = storage.join(env.checkpoint_mirror, stage_dir.name) if env.checkpoint_mirror else None
+    if not env.resume and runtime.is_main:
         shutil.rmtree(states, ignore_errors=True)
     elif mirror and runtime.is_main:
         fetch_state(states, mirror)
     runtime.barrier()
-    if resume and (latest := latest_training_state(states)) is not None:
+    if env.resume and (latest := latest_training_state(states)) is not None:
         start_step = engine.load_state(latest)
-        log.info("resuming %s from %s (step %d of %d)", STAGE, latest, start_step, config.max_steps)
+        log.info("resuming %s from %s (step %d of %d)", NAME, latest, start_step, config.max_steps)
 
     def save_state(step: int) -> None:
         engine.save_state(states, step, tokenizer)
@@ -140,55 +167,27 @@ def run_pretrain(
         result = perplexity(model, objective, eval_blocks, batch_size=config.batch_size, device=device, bf16=config.bf16)
         return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
 
-    result = train(
-        model,
-        objective,
-        sampler,
-        optimizer,
-        LoopSettings(
-            max_steps=config.max_steps,
-            grad_accum_steps=config.grad_accum_steps,
-            max_grad_norm=config.max_grad_norm,
-            bf16=config.bf16,
-            schedule=config.schedule,
-            warmup_ratio=config.warmup_ratio,
-            log_every=config.log_every,
-            eval_every=config.eval_every if eval_blocks is not None else 0,
-            save_every=config.save_every,
-            seed=seed,
-            progress=progress,
-            description=STAGE,
-        ),
-        device=device,
-        start_step=start_step,
-        step_hooks=[freeze] if freeze else [],
-        evaluate=evaluate if eval_blocks is not None else None,
-        save_state=save_state,
-        log_metrics=log_metrics if runtime.is_main else None,
-        runtime=runtime,
-        engine=engine,
-    )
-    log.info("%s: %d steps, %.0f tokens/s", STAGE, result.steps, result.tokens / max(result.seconds, 1e-9))
+    settings = loop_settings(config, max_steps=config.max_steps, steps_per_epoch=sampler.per_epoch // config.grad_accum_steps,
+                             seed=seed, evaluates=eval_blocks is not None, progress=env.progress, description=NAME,
+                             eval_at_start=True)
+    result = train(model, objective, sampler, optimizer, settings, device=device, start_step=start_step,
+                   step_hooks=[freeze] if freeze else [], evaluate=evaluate if eval_blocks is not None else None,
+                   save_state=save_state, log_metrics=env.metrics, runtime=runtime, engine=engine)
+    log.info("%s: %d steps, %.0f tokens/s", NAME, result.steps, result.tokens / max(result.seconds, 1e-9))
 
-    lineage = stage_lineage(
-        STAGE,
-        config=config.model_dump(mode="json") | {"seed": seed, "objective": objective_name},
-        cache_key=key,
-        input_checkpoint=base,
-        datasets=datasets,
-        mlflow_run_id=mlflow_run_id,
-        build_run_id=build_run_id,
-    )
+    lineage = stage_lineage(NAME, config=config.model_dump(mode="json") | {"seed": seed, "objective": objective_name},
+                            cache_key=key, inputs=inputs, mlflow_run_id=env.mlflow_run_id,
+                            build_run_id=env.build_run_id)
     final = stage_dir / "final"
     digest = ""
     with engine.full_parameters():
         if runtime.is_main:
             digest = save_checkpoint(model.cpu(), tokenizer, final, lineage=lineage)
     runtime.barrier()
-    return CheckpointRef(uri=str(final), digest=digest, stage=STAGE, mlflow_run_id=mlflow_run_id)
+    return Result(CheckpointRef(uri=str(final), digest=digest, stage=NAME, mlflow_run_id=env.mlflow_run_id))
 
 
-def _optimizer_and_freezing(model: torch.nn.Module, config: PretrainConfig):
+def _optimizer_and_freezing(model: torch.nn.Module, config: Config):
     """AdamW with the head in its own group (own lr; trains from step 0) and the encoder starting after the
     head warm-up. No weight decay on biases and norms. Returns (optimizer, step hook that unfreezes)."""
     _, head = split_mlm_head(model)
@@ -197,21 +196,11 @@ def _optimizer_and_freezing(model: torch.nn.Module, config: PretrainConfig):
     head_ids = {id(p) for p in head_params}
     encoder_params = [p for p in model.parameters() if id(p) not in head_ids]
 
-    def groups(params, lr, name, start_step=0):
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        common = {"lr": lr, "name": name, "start_step": start_step}
-        return [
-            {"params": decay, "weight_decay": config.weight_decay, **common},
-            {"params": no_decay, "weight_decay": 0.0, **common},
-        ]
-
     warmup = config.head_warmup_steps if head_params else 0
-    param_groups = groups(encoder_params, config.lr, "encoder", start_step=warmup)
+    groups = [g | {"start_step": warmup} for g in param_groups(encoder_params, config.lr, config.weight_decay, "encoder")]
     if head_params:
-        param_groups += groups(head_params, config.head_lr or config.lr, "head")
-    param_groups = [g for g in param_groups if g["params"]]
-    optimizer = adamw(param_groups, lr=config.lr)
+        groups += param_groups(head_params, config.head_lr or config.lr, config.weight_decay, "head")
+    optimizer = adamw(groups, lr=config.lr)
 
     if not warmup:
         return optimizer, None

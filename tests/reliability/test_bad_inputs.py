@@ -16,8 +16,8 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from adaptflow.distributed import free_port
-from flows.cli import app
+from adaptflow.flows.cli import app
+from adaptflow.train.runtime import free_port
 from tests.conftest import DOMAINS
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

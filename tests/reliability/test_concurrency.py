@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from adaptflow.config import load_recipe
-from adaptflow.registry import audit_trail
-from tasks import BuildContext, claimed_work_dir
+from adaptflow.recipe import load_recipe
+from adaptflow.tasks.context import BuildContext
+from adaptflow.tasks.stage_runs import claimed_work_dir
+from adaptflow.tracking.registry import audit_trail
 from tests.conftest import DOMAINS, ROOT
 
 BIN = Path(sys.executable).parent

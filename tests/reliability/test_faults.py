@@ -1,10 +1,9 @@
 """Faults: a build that dies leaves nothing that looks alive, and nothing half-written that looks whole. (A killed
-stage resuming from its last save, and a crashed flow run retried from Prefect, are tested in tests/test_train.py,
-tests/test_launch.py and tests/test_servers.py.)"""
+stage resuming from its last save, and a crashed flow run retried from Prefect, are tested in tests/stages/test_pretrain.py,
+tests/test_launch.py and tests/flow/test_servers.py.)"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -18,16 +17,18 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from adaptflow.checkpointing import damage, latest_training_state
-from adaptflow.config import PretrainConfig, load_recipe
-from adaptflow.data import prepare_corpus
+from adaptflow.data.corpus import prepare_corpus
 from adaptflow.errors import DataError
 from adaptflow.models import load_model
-from adaptflow.stages.pretrain import run_pretrain
-from adaptflow.tracking import ensure_experiment, start_run
-from tasks.build_run import HEARTBEAT, STALE_AFTER_SECONDS, build_run
+from adaptflow.recipe import load_recipe
+from adaptflow.stages import StageEnv
+from adaptflow.stages import pretrain as stage
+from adaptflow.stages.pretrain import Config as PretrainConfig
+from adaptflow.tasks.build_run import HEARTBEAT, STALE_AFTER_SECONDS, build_run
+from adaptflow.tracking.runs import ensure_experiment, start_run
+from adaptflow.train.checkpointing import damage, latest_training_state
 from tests.conftest import DOMAINS, ROOT
-from tests.test_train import ABSTRACTS, assert_same_weights, base_model, pretrain
+from tests.stages.test_pretrain import ABSTRACTS, assert_same_weights, base_model, pretrain
 
 
 def test_runs_of_a_build_killed_here_or_silent_elsewhere_are_closed_by_the_next_build(tmp_path, tiny_overrides):
@@ -69,10 +70,8 @@ def test_runs_of_a_build_killed_here_or_silent_elsewhere_are_closed_by_the_next_
 KILLED_MID_SAVE = """
 import json, os, signal, sys
 import safetensors.torch
-from adaptflow import checkpointing
-from adaptflow.config import PretrainConfig
-from adaptflow.refs import CheckpointRef, DatasetRef
-from adaptflow.stages.pretrain import run_pretrain
+from adaptflow.stages import StageEnv, pretrain
+from adaptflow.train import checkpointing
 
 args = json.loads(sys.argv[1])
 saves = []
@@ -89,9 +88,8 @@ def save_file(tensors, path, metadata=None):
     return safetensors.torch.save_file(tensors, path, metadata)
 
 checkpointing.save_file = save_file
-run_pretrain(PretrainConfig(**args["config"]), base=CheckpointRef(**args["base"]),
-             train_data=DatasetRef(**args["train"]), validation_data=DatasetRef(**args["validation"]),
-             work_dir=args["work_dir"], cache_dir=args["cache_dir"], seed=0)
+pretrain.run(pretrain.Config(**args["config"]), pretrain.Inputs.from_dict(args["inputs"]),
+             StageEnv(work_dir=args["work_dir"], cache_dir=args["cache_dir"], seed=0))
 """
 
 
@@ -106,8 +104,8 @@ def test_a_kill_while_a_save_is_written_leaves_the_previous_save_to_resume_from(
     settings = dict(block_size=32, batch_size=8, max_steps=12, lr=3e-3, log_every=1, save_every=5, eval_every=0)
     reference, _ = pretrain(tmp_path / "uninterrupted", corpus, base, **settings)
     work_dir = tmp_path / "stages"
-    args = {"config": settings, "base": dataclasses.asdict(base), "train": dataclasses.asdict(corpus.train),
-            "validation": dataclasses.asdict(corpus.validation), "work_dir": str(work_dir),
+    inputs = stage.Inputs(base=base, train=corpus.train, validation=corpus.validation)
+    args = {"config": settings, "inputs": inputs.to_dict(), "work_dir": str(work_dir),
             "cache_dir": str(tmp_path / "cache")}
     child = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, json.dumps(args)], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
@@ -120,9 +118,9 @@ def test_a_kill_while_a_save_is_written_leaves_the_previous_save_to_resume_from(
 
     steps = []
     config = PretrainConfig(**settings)
-    resumed = run_pretrain(config, base=base, train_data=corpus.train, validation_data=corpus.validation,
-                           work_dir=work_dir, cache_dir=tmp_path / "cache", seed=0,
-                           log_metrics=lambda step, m: "loss" in m and steps.append(step))
+    resumed = stage.run(config, inputs, StageEnv(work_dir=work_dir, cache_dir=tmp_path / "cache", seed=0,
+                                                 log_metrics=lambda step, m: "loss" in m and steps.append(step)))
+    resumed = resumed.checkpoint
     assert steps[0] == 6, "resumed after step 5, the last save that was whole"
     assert_same_weights(resumed, reference)
     assert sorted(p.name for p in states.iterdir()) == ["step-0000010"], "the half-written save was cleared"
@@ -140,7 +138,7 @@ def test_a_save_damaged_after_it_was_written_is_not_resumed_from(tmp_path, corpu
         fh.seek(-1, 1)
         fh.write(bytes([byte[0] ^ 0xFF]))
     assert "optimizer.safetensors" in damage(save)
-    with caplog.at_level(logging.WARNING, logger="adaptflow.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="adaptflow.train.checkpointing"):
         assert latest_training_state(states) is None
     assert "ignoring the save" in caplog.text and "differ from the digests recorded" in caplog.text
 

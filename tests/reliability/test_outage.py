@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from adaptflow.flows.cli import app
 from tests.conftest import DATA_ROOT, DOMAINS
 from tests.s3 import SwitchableEndpoint
 

@@ -12,11 +12,11 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from adaptflow import storage
-from adaptflow.config import load_recipe
 from adaptflow.errors import DataError, RecipeError
+from adaptflow.flows.cli import app
 from adaptflow.models import load_model, materialize_base_model, pickle_refusal
 from adaptflow.preflight import preflight_problems
-from flows.cli import app
+from adaptflow.recipe import load_recipe
 from tests.conftest import DOMAINS
 
 SECRETS = {
@@ -92,7 +92,7 @@ def test_paths_built_from_names_stay_under_their_base(tmp_path):
 
 def test_remote_code_is_off_by_default_and_loud_when_on(tmp_path, tiny_overrides, caplog):
     assert load_recipe(DOMAINS / "biomedical.yaml").model.trust_remote_code is False
-    from tasks.build_run import build_run
+    from adaptflow.tasks.build_run import build_run
 
     recipe = load_recipe(DOMAINS / "tiny.yaml", [*tiny_overrides, "model.trust_remote_code=true"])
     with caplog.at_level(logging.WARNING, logger="adaptflow.build"):
