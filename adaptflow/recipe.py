@@ -142,7 +142,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RecipeError(str(path), [f"file not found: {path} (recipes live in domains/, e.g. domains/tiny.yaml)"]) from None
+        raise RecipeError(str(path), [f"file not found: {path} (recipes live in domains/, e.g. "
+                                      "domains/tiny.yaml)"]) from None
     except yaml.YAMLError as err:
         raise RecipeError(source, [f"not valid YAML: {err}"]) from None
     if raw is None:

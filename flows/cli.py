@@ -72,8 +72,8 @@ def build(
 @app.command()
 def rerun(
     build_run_id: Annotated[str, typer.Argument(help="The build to rerun (its MLflow run id)")],
-    from_stage: Annotated[str, typer.Option("--from", help="Recompute from this stage on (any stage the build ran: "
-                                                           "curate, pretrain, …, evaluate); earlier stages are reused")],
+    from_stage: Annotated[str, typer.Option("--from", help="Recompute from this stage on (a stage the build ran, "
+                                                           "e.g. finetune); earlier stages are reused")],
     overrides: SetOption = None,
     tracking_uri: TrackingOption = None,
     summary_json: Annotated[Path | None, typer.Option(help="Write the build summary here as JSON")] = None,

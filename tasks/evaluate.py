@@ -32,7 +32,8 @@ def evaluate(ctx: BuildContext, base: CheckpointRef, candidate: CheckpointRef,
     with (champion_checkpoint(client, recipe.registered_model_name) if compares
           else contextlib.nullcontext()) as champion:
         inputs = stage.Inputs(
-            base=base, language_model=candidate, corpora={name: data.corpora[name].validation for name in config.corpora},
+            base=base, language_model=candidate,
+            corpora={name: data.corpora[name].validation for name in config.corpora},
             lm_objective=objective, task_name=tuning.task if tuning else None, task=task,
             finetuned=tuple(finetuned or ()), finetune=tuning,
             ood={name: data.tasks[name] for name in config.ood_tasks},

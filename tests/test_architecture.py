@@ -121,7 +121,7 @@ LAYERS = {
     "adaptflow.train": ("adaptflow.evaluation", "adaptflow.tracking", *ABOVE_STAGES),
     "adaptflow.evaluation": ("adaptflow.tracking", *ABOVE_STAGES),
     "adaptflow.lineage": ABOVE_STAGES,
-    "adaptflow.tracking": ABOVE_STAGES[1:],  # it reads the stage registry (rerun --from), never a stage module
+    "adaptflow.tracking": ABOVE_STAGES,  # but for the stage registry's names (rerun --from): never a stage module
     "adaptflow.stages": ("adaptflow.recipe", "adaptflow.preflight", *ORCHESTRATION),
     "adaptflow.launch": ORCHESTRATION,
     "adaptflow.recipe": ORCHESTRATION,

@@ -12,6 +12,7 @@ from adaptflow.config.base import (
     Reference,
     Section,
     TaskName,
+    one_of,
 )
 from adaptflow.config.optimization import Optimization
 from adaptflow.config.sections import (
@@ -28,5 +29,5 @@ from adaptflow.config.sections import (
 __all__ = [
     "CorpusConfig", "CorpusName", "DatasetName", "DistributedConfig", "Fraction", "ModelConfig", "NonNegativeInt",
     "Optimization", "PositiveFloat", "PositiveInt", "Probability", "Reference", "RegistryConfig", "ScheduleConfig",
-    "Section", "TaskDataConfig", "TaskName", "TinyModelConfig", "TrackingConfig",
+    "Section", "TaskDataConfig", "TaskName", "TinyModelConfig", "TrackingConfig", "one_of",
 ]

@@ -42,3 +42,12 @@ class Reference:
 
 CorpusName = Annotated[str, Reference("corpora")]
 TaskName = Annotated[str, Reference("tasks")]
+
+
+def one_of(value: str, names) -> str:
+    """`value` if it is one of `names` (a registry's keys), else the error pydantic gives for a `Literal`."""
+    if value not in names:
+        quoted = [repr(n) for n in names]
+        choices = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        raise ValueError(f"Input should be {choices}")
+    return value

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from adaptflow.config.base import CorpusName, Fraction, NonNegativeInt, PositiveInt, Section
+from adaptflow.config.base import CorpusName, Fraction, NonNegativeInt, PositiveInt, Section, one_of
 
 
 class TinyModelConfig(Section):
@@ -96,9 +96,7 @@ class TaskDataConfig(Section):
     def _known_kind(cls, value: str) -> str:
         from adaptflow.kinds import KINDS
 
-        if value not in KINDS:
-            raise ValueError(f"Input should be {_choices(list(KINDS))}")
-        return value
+        return one_of(value, KINDS)
 
 
 class DistributedConfig(Section):
@@ -184,7 +182,3 @@ class ScheduleConfig(Section):
             raise ValueError(f"cron {self.cron!r} in timezone {self.timezone!r}: {reason}")
         return self
 
-
-def _choices(names: list[str]) -> str:
-    quoted = [repr(n) for n in names]
-    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"

@@ -254,8 +254,8 @@ def _example_reader(name: str, config: TaskDataConfig) -> Callable[[str, int | N
             suffix = PurePosixPath(uri).suffix.lower()
             if config.format != "conll" and not (config.format == "auto" and suffix in _CONLL_SUFFIXES):
                 raise DataError(
-                    f"{task}: {uri} must be a CoNLL-style file for type {kind.name}, but format is {config.format!r} and "
-                    f"the suffix {suffix or '(none)'!r}; set {task}.format to conll (or use a "
+                    f"{task}: {uri} must be a CoNLL-style file for type {kind.name}, but format is {config.format!r} "
+                    f"and the suffix {suffix or '(none)'!r}; set {task}.format to conll (or use a "
                     f"{'/'.join(_CONLL_SUFFIXES)} file)"
                 )
             return _read_conll(uri, config.token_column, config.tag_column, max_rows)

@@ -38,7 +38,7 @@ def score(model, kind, objective, items: list[dict], labels: list[str], *, batch
                 probabilities.append(probs)
     model.train()
     loss = total / max(1, targets)
-    scores = kind.scores(loss, gold, predicted, probabilities, labels)
+    scores = kind.metrics(loss, gold, predicted, probabilities, labels)
     return scores, (kind.report(gold, predicted, labels, loss) if with_report else None)
 
 

@@ -59,7 +59,7 @@ class TaskKind(Protocol):
     def sample_weights(self, items: list[dict]):
         """Per-item sampling weights that balance the classes (single-label kinds; others refuse)."""
 
-    def scores(self, loss: float, gold: list, predicted: list, probabilities, labels: list[str]) -> dict[str, float]:
+    def metrics(self, loss: float, gold: list, predicted: list, probabilities, labels: list[str]) -> dict[str, float]:
         """Metrics of one scored split; `gold`/`predicted` are empty for kinds that predict nothing but a loss."""
 
     def report(self, gold: list, predicted: list, labels: list[str], loss: float) -> dict:

@@ -97,7 +97,7 @@ class Classification:
         counts = Counter(item["label"] for item in items)
         return torch.tensor([1.0 / counts[item["label"]] for item in items], dtype=torch.double)
 
-    def scores(self, loss, gold, predicted, probabilities, labels) -> dict[str, float]:
+    def metrics(self, loss, gold, predicted, probabilities, labels) -> dict[str, float]:
         from sklearn.metrics import accuracy_score, f1_score
 
         ids = list(range(len(labels)))

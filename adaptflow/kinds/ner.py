@@ -89,8 +89,9 @@ class NamedEntities:
         index = {label: i for i, label in enumerate(labels)}
         enc = tokenizer([r["tokens"] for r in records], is_split_into_words=True, truncation=True,
                         max_length=max_length)
-        return [{"input_ids": enc["input_ids"][i], "labels": align_labels(enc.word_ids(i), [index[t] for t in r["tags"]])}
-                for i, r in enumerate(records)]
+        return [{"input_ids": enc["input_ids"][i],
+                 "labels": align_labels(enc.word_ids(i), [index[tag] for tag in record["tags"]])}
+                for i, record in enumerate(records)]
 
     def objective(self, pad_id: int, labels: list[str], *, balance_over: list[dict] | None = None):
         return TokenClassification(pad_id, labels)
@@ -98,7 +99,7 @@ class NamedEntities:
     def sample_weights(self, items: list[dict]):
         raise ConfigError("stages.finetune.sampler: balanced needs single-label examples (classification)")
 
-    def scores(self, loss, gold, predicted, probabilities, labels) -> dict[str, float]:
+    def metrics(self, loss, gold, predicted, probabilities, labels) -> dict[str, float]:
         from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
         from seqeval.scheme import IOB2
 

@@ -87,7 +87,7 @@ class InstructionTuning:
     def sample_weights(self, items: list[dict]):
         raise ConfigError("stages.finetune.sampler: balanced needs single-label examples (classification)")
 
-    def scores(self, loss, gold, predicted, probabilities, labels) -> dict[str, float]:
+    def metrics(self, loss, gold, predicted, probabilities, labels) -> dict[str, float]:
         return {"loss": loss, "perplexity": math.exp(min(loss, 700))}
 
     def report(self, gold, predicted, labels, loss) -> dict:

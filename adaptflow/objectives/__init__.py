@@ -25,7 +25,8 @@ class Objective(Protocol):
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor: ...
 
 
-def build_objective(name: str, tokenizer, *, mlm_probability: float = 0.15, whole_word_masking: bool = False) -> Objective:
+def build_objective(name: str, tokenizer, *, mlm_probability: float = 0.15,
+                    whole_word_masking: bool = False) -> Objective:
     """The language-modelling objective `name` (`mlm` or `clm`)."""
     if name == "mlm":
         return MaskedLM(tokenizer, probability=mlm_probability, whole_word=whole_word_masking)

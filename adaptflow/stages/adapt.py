@@ -285,8 +285,9 @@ def _train(config: Config, base: CheckpointRef, labels: list[str], data: _AdaptD
     def evaluate() -> dict[str, float]:
         return objective.training_stats() | evaluate_adaptation(model, data, device)
 
-    settings = loop_settings(config, max_steps=config.max_steps, steps_per_epoch=source.per_epoch // config.grad_accum_steps,
-                             seed=seed, evaluates=True, progress=env.progress, description=f"{NAME} λ≤{lambda_max:g}")
+    settings = loop_settings(config, max_steps=config.max_steps, seed=seed, evaluates=True,
+                             steps_per_epoch=source.per_epoch // config.grad_accum_steps, progress=env.progress,
+                             description=f"{NAME} λ≤{lambda_max:g}")
     result = train(model, objective, sampler, optimizer, settings, device=device, step_hooks=[set_weight],
                    evaluate=evaluate, log_metrics=log_metrics, runtime=runtime, engine=engine)
     metrics = dict(result.eval_metrics)

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from adaptflow import kinds
-from adaptflow.config.base import PositiveFloat, PositiveInt, Reference, Section, TaskName
+from adaptflow.config.base import PositiveFloat, PositiveInt, Reference, Section, TaskName, one_of
 from adaptflow.config.optimization import EvalEvery, Optimization
 from adaptflow.data.corpus import load_texts
 from adaptflow.data.labelled import TaskSplits, load_records
@@ -101,9 +101,7 @@ class Config(Optimization):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"Input should be {', '.join(map(repr, STRATEGIES))}")
-        return value
+        return one_of(value, STRATEGIES)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> Config:

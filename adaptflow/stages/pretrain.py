@@ -164,12 +164,13 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
             mirror_state(state_dir(states, step), mirror)
 
     def evaluate() -> dict[str, float]:
-        result = perplexity(model, objective, eval_blocks, batch_size=config.batch_size, device=device, bf16=config.bf16)
+        result = perplexity(model, objective, eval_blocks, batch_size=config.batch_size, device=device,
+                            bf16=config.bf16)
         return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
 
-    settings = loop_settings(config, max_steps=config.max_steps, steps_per_epoch=sampler.per_epoch // config.grad_accum_steps,
-                             seed=seed, evaluates=eval_blocks is not None, progress=env.progress, description=NAME,
-                             eval_at_start=True)
+    settings = loop_settings(config, max_steps=config.max_steps, seed=seed, evaluates=eval_blocks is not None,
+                             steps_per_epoch=sampler.per_epoch // config.grad_accum_steps, progress=env.progress,
+                             description=NAME, eval_at_start=True)
     result = train(model, objective, sampler, optimizer, settings, device=device, start_step=start_step,
                    step_hooks=[freeze] if freeze else [], evaluate=evaluate if eval_blocks is not None else None,
                    save_state=save_state, log_metrics=env.metrics, runtime=runtime, engine=engine)
@@ -197,7 +198,8 @@ def _optimizer_and_freezing(model: torch.nn.Module, config: Config):
     encoder_params = [p for p in model.parameters() if id(p) not in head_ids]
 
     warmup = config.head_warmup_steps if head_params else 0
-    groups = [g | {"start_step": warmup} for g in param_groups(encoder_params, config.lr, config.weight_decay, "encoder")]
+    encoder = param_groups(encoder_params, config.lr, config.weight_decay, "encoder")
+    groups = [group | {"start_step": warmup} for group in encoder]
     if head_params:
         groups += param_groups(head_params, config.head_lr or config.lr, config.weight_decay, "head")
     optimizer = adamw(groups, lr=config.lr)

@@ -1,6 +1,6 @@
 """Faults: a build that dies leaves nothing that looks alive, and nothing half-written that looks whole. (A killed
-stage resuming from its last save, and a crashed flow run retried from Prefect, are tested in tests/stages/test_pretrain.py,
-tests/test_launch.py and tests/flow/test_servers.py.)"""
+stage resuming from its last save, and a crashed flow run retried from Prefect, are tested in
+tests/stages/test_pretrain.py, tests/test_launch.py and tests/flow/test_servers.py.)"""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from adaptflow.data.corpus import read_texts  # noqa: E402
 from adaptflow.data.tokenize import pack_blocks, tokenize_corpus  # noqa: E402
 from adaptflow.models import save_checkpoint  # noqa: E402
 from adaptflow.objectives import build_objective  # noqa: E402
-from adaptflow.train import BatchSampler, DeepSpeedEngine, LoopSettings, Runtime, TorchEngine, train  # noqa: E402  # noqa: E402
+from adaptflow.train import BatchSampler, DeepSpeedEngine, LoopSettings, Runtime, TorchEngine, train  # noqa: E402
 from adaptflow.train.checkpointing import latest_training_state  # noqa: E402
 from tests.conftest import DATA_ROOT, build_tiny  # noqa: E402
 
