@@ -64,7 +64,8 @@ def build(
             data = curate(ctx, data)
         base = prepare_model(ctx, data)
         language_model = pretrain(ctx, base, data) if "pretrain" in stages else base
-        model = adapt(ctx, language_model, data) if "adapt" in stages else language_model
+        adaptation = adapt(ctx, language_model, data) if "adapt" in stages else None
+        model = adaptation.checkpoint if adaptation else language_model
         if "self_instruct" in stages:
             data = self_instruct(ctx, model, data)
         if "active_learning" in stages:
@@ -78,7 +79,7 @@ def build(
         if "evaluate" in stages:
             report = evaluate(ctx, base, language_model, finetuned, data)
         if recipe.registry.enabled:
-            register(ctx, model, kind, report)
+            register(ctx, model, kind, report, adaptation)
     return build_summary(ctx.tracking.client(), ctx.build_run_id)
 
 

@@ -295,6 +295,21 @@ def _print_curation(out: Console, metrics: dict) -> None:
     out.print(table)
 
 
+def _print_contributions(out: Console, stages: dict) -> None:
+    """What each stage added: one measure of its input and of its output (stages that report one)."""
+    rows = [(name, stage["contribution"]) for name, stage in stages.items() if "contribution" in stage]
+    if not rows:
+        return
+    table = Table(title="what each stage contributed")
+    for column, justify in (("stage", "left"), ("measure", "left"), ("input", "right"), ("output", "right"),
+                            ("gain", "right")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for name, c in rows:
+        table.add_row(name, c["measure"], "—" if c["before"] is None else f"{c['before']:,.4f}",
+                      f"{c['after']:,.4f}", "—" if c["gain"] is None else f"{c['gain']:+,.4f}")
+    out.print(table)
+
+
 def _print_summary(summary: dict) -> None:
     out = Console()
     table = Table(title=f"build {summary['build_run_id']} ({summary['domain']}): {summary['status']}")
@@ -314,6 +329,7 @@ def _print_summary(summary: dict) -> None:
             out.print(f"negative-transfer guard on {name}: {stage['guard']} — {stage['guard_reason']}")
         for gate, verdict in stage.get("gates", {}).items():
             out.print(f"gate {gate}: {verdict}")
+    _print_contributions(out, summary["stages"])
     if summary.get("gates") not in (None, "none"):
         out.print(f"promotion gates: {summary['gates']}")
     if summary.get("registered_model"):

@@ -1,5 +1,5 @@
-"""Adversarial domain adaptation as a Prefect task (`adaptflow.stages.adapt`), with the negative-transfer
-guard's decision recorded as tags and metrics."""
+"""Domain adaptation as a Prefect task (`adaptflow.stages.adapt`), with the negative-transfer guard's decision —
+which classifier went on, and both scores — recorded as tags and metrics."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from adaptflow.tasks.stage_runs import stage_run
 
 
 @stage_task("adapt")
-def adapt(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> CheckpointRef:
-    """Run DANN; return the adapted checkpoint, or `base` itself when the guard rejects the stage."""
+def adapt(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> stage.Result:
+    """Adapt; the result's `checkpoint` is the adapted classifier, or the source-only reference when the guard
+    rejects the adaptation."""
     config = ctx.recipe.stages.adapt
     target = data.corpora[config.target_corpus]
     inputs = stage.Inputs(base=base, source=data.tasks[config.source_task], target=target.train,
@@ -24,10 +25,13 @@ def adapt(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> Check
         if run.prior is None:
             run.log_metrics(config.max_steps, result.metrics)
         decision = "accepted" if result.accepted else "rejected"
+        for target_run in (run.run_id, ctx.build_run_id):
+            run.client.set_tag(target_run, "adaptflow.adapt.guard", decision)
+            run.client.set_tag(target_run, "adaptflow.adapt.output", result.output)
         run.client.set_tag(run.run_id, "adaptflow.guard", decision)
         run.client.set_tag(run.run_id, "adaptflow.guard.reason", result.reason)
-        run.client.set_tag(ctx.build_run_id, "adaptflow.adapt.guard", decision)
-        # The adapted model is logged either way (to inspect a rejection); it is the checkpoint only if accepted.
-        run.record_checkpoint(result.checkpoint, upload=result.adapted.uri)
         run.client.set_tag(run.run_id, "adaptflow.adapted.uri", result.adapted.uri)
-        return result.checkpoint
+        if result.reference is not None:
+            run.client.set_tag(run.run_id, "adaptflow.reference.uri", result.reference.uri)
+        run.record_checkpoint(result.checkpoint)
+        return result

@@ -18,6 +18,8 @@ def pretrain(ctx: BuildContext, base: CheckpointRef, data: PreparedInputs) -> Ch
     inputs = stage.Inputs(base=base, train=corpus.train, validation=corpus.validation, replay=replay)
     with stage_run(ctx, stage, config, inputs) as run:
         checkpoint = run.result.checkpoint
+        if run.prior is None:  # the held-out numbers of input and output, beside the curve
+            run.log_metrics(config.max_steps, run.result.metrics)
         run.record_checkpoint(checkpoint)
         run.client.log_artifact(run.run_id, f"{checkpoint.uri}/lineage.json")
         return checkpoint

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 from adaptflow.models.checkpoints import infer_objective
 from adaptflow.refs import CheckpointRef, EvalReport
+from adaptflow.stages import adapt
 from adaptflow.tasks.context import BuildContext
 from adaptflow.tasks.retries import stage_task
 from adaptflow.tracking.registry import ANY, PromotionRefused, promote, register_build, version_tags
 
 
 @stage_task("register")
-def register(ctx: BuildContext, model: CheckpointRef, kind: str | None, report: EvalReport | None) -> str:
+def register(ctx: BuildContext, model: CheckpointRef, kind: str | None, report: EvalReport | None,
+             adaptation: adapt.Result | None = None) -> str:
     """Register `model` on the build run; return its version. `kind` is the fine-tuned task's; without one the
-    model is the adapted classifier, or (no adaptation, or the guard kept the input) the language model."""
-    if kind is None and model.stage == "adapt":  # the adapted classifier: its source task's kind
+    model is the adaptation's classifier, or (no adaptation) the language model. The version's gates are the
+    evaluation's and, when the adaptation's classifier is what is registered, the adaptation guard's; `champion`
+    moves only on a verdict of "passed"."""
+    if kind is None and model.stage == adapt.NAME:  # a classifier of the adaptation's source task
         kind = ctx.recipe.tasks[ctx.recipe.stages.adapt.source_task].type
     kind = kind or infer_objective(model.uri)
     gates = list(report.gates) if report is not None else []
-    passed = report.passed if report is not None else True
+    if adaptation is not None and adaptation.reference is not None and model == adaptation.checkpoint:
+        gates.append(adapt.guard_gate(adaptation))  # the adapt stage's output is the build's product
+    passed = all(gate["passed"] for gate in gates)
     client = ctx.tracking.client()
     version = register_build(
         client, run_id=ctx.build_run_id, checkpoint=model, kind=kind,

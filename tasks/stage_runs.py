@@ -6,7 +6,8 @@
 opens the stage's MLflow child run (its config as params; its cache key and input checkpoint as tags; every
 dataset of its inputs as a dataset input), then gives the result of an earlier finished run with the same cache key
 when the build may reuse it, or computes it — in this process, or on the recipe's ranks — in a work directory this
-build has claimed, and records it for later reuse. The run is marked FAILED if anything in the block raises.
+build has claimed, and records it for later reuse, with what the stage contributed (its `contribution`, when it
+has one). The run is marked FAILED if anything in the block raises.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from types import ModuleType
 
 from adaptflow.launch import run_stage
 from adaptflow.refs import CheckpointRef, DatasetRef, Record
-from adaptflow.stages import StageEnv
+from adaptflow.stages import Contribution, StageEnv
 from adaptflow.tasks.context import BuildContext
 from adaptflow.tracking.reuse import REUSED_FROM, PriorRun, find_reusable, localise, record_result
 from adaptflow.tracking.runs import end_run, flatten, log_dataset, log_directory, log_params, metrics_logger, start_run
@@ -80,6 +81,8 @@ def stage_run(ctx: BuildContext, stage: ModuleType, config, inputs: Record, *, s
                 log_dataset(client, run_id, ref, context=context)
         result, prior = _reused_or_computed(ctx, stage, config, inputs, seed=seed, key=key, client=client,
                                             run_id=run_id, checkpoints=checkpoints)
+        if hasattr(stage, "contribution") and (contribution := stage.contribution(config, result)) is not None:
+            record_contribution(client, run_id, contribution)
         yield StageRun(client, run_id, result, prior)
 
 
@@ -121,6 +124,16 @@ def _reused_or_computed(ctx: BuildContext, stage: ModuleType, config, inputs: Re
     if stage.REUSABLE:
         record_result(client, run_id, ran.result.to_dict())
     return ran.result, None
+
+
+def record_contribution(client, run_id: str, contribution: Contribution) -> None:
+    """`contribution_before` / `_after` / `_gain` metrics (no before, no gain) and the measure as tag
+    `adaptflow.contribution`: what the build summary prints per stage."""
+    metrics = {"contribution_after": contribution.after}
+    if contribution.before is not None:
+        metrics |= {"contribution_before": contribution.before, "contribution_gain": contribution.gain}
+    metrics_logger(client, run_id)(0, metrics)
+    client.set_tag(run_id, "adaptflow.contribution", contribution.measure)
 
 
 @contextmanager

@@ -72,7 +72,8 @@ class TaskDataConfig(Section):
     `type` is a task kind (`adaptflow.kinds`): `classification` (single label per text, optional text pair),
     `ner` (IOB2 tags per token, from CoNLL-style files) or `sft` (prompt → response pairs for decoders). Each
     split is one path or a list of paths (concatenated). Without `validation`, `validation_fraction` of train is
-    held out.
+    held out; without `test`, `test_fraction` of it is (both by a hash of each record, so a record's side never
+    depends on the others; e.g. 0.2 and 0.7 leave a tenth of a labelled file to train on).
     """
 
     type: str
@@ -89,7 +90,16 @@ class TaskDataConfig(Section):
     token_column: int = 0
     tag_column: int = -1
     validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
     max_examples: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _something_left_to_train_on(self) -> TaskDataConfig:
+        held = (self.validation_fraction if self.validation is None else 0) + (self.test_fraction if self.test is None
+                                                                                  else 0)
+        if held >= 1:
+            raise ValueError(f"validation_fraction + test_fraction ({held:g}) must leave part of train to train on")
+        return self
 
     @field_validator("type")
     @classmethod

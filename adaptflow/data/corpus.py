@@ -227,6 +227,11 @@ def stable_sample(keys: list[str], size: int, seed: int) -> list[int]:
     return sorted(sorted(range(len(keys)), key=lambda i: _unit_hash(seed, f"sample\0{keys[i]}"))[:size])
 
 
+def unit_hash(seed: int, text: str) -> float:
+    """A number in [0, 1) from (seed, text): where a document or record falls in a hash-based split."""
+    return _unit_hash(seed, text)
+
+
 def _unit_hash(seed: int, text: str) -> float:
     digest = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from adaptflow import kinds, storage
 from adaptflow.config.sections import TaskDataConfig
-from adaptflow.data.corpus import digest_texts, split_train_validation, stable_sample
+from adaptflow.data.corpus import digest_texts, split_train_validation, stable_sample, unit_hash
 from adaptflow.data.formats import SAFE_NAME, decode_lines, parquet_table, records, resolve_format, write_split_table
 from adaptflow.errors import DataError
 from adaptflow.refs import DatasetRef, Record
@@ -130,9 +130,21 @@ def prepare_task(name: str, config: TaskDataConfig, *, out_dir: str | Path, seed
     # Labels come from the whole of train, before any hold-out, so a rare class that lands only in the
     # held-out validation split is still a known label rather than an error.
     labels = _check_labels(name, config, splits)
+    validation_held = 0.0
     if splits["validation"] is None:
         splits["train"], held_out = _hold_out(train, config.validation_fraction, seed)
         splits["validation"] = held_out or None
+        validation_held = config.validation_fraction
+    if splits["test"] is None and config.test_fraction:
+        # The same hash as the validation hold-out: validation below its fraction, test the next slice.
+        upper = validation_held + config.test_fraction
+        sides: dict[bool, list[Example]] = {True: [], False: []}
+        for example in splits["train"]:
+            sides[unit_hash(seed, _canonical(example[1])) < upper].append(example)
+        if not sides[False]:
+            raise DataError(f"task {name!r}: test_fraction {config.test_fraction:g} leaves nothing of its "
+                            f"{len(splits['train'])} training records to train on; lower it or give a test file")
+        splits["train"], splits["test"] = sides[False], sides[True] or None
 
     refs = {
         split: None if examples is None else _write(name, split, config, [record for _, record in examples], out_dir)

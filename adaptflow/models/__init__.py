@@ -24,12 +24,18 @@ from adaptflow.models.checkpoints import (
     save_checkpoint,
     verified_path,
 )
-from adaptflow.models.layers import is_head, layer_groups, reinitialise_pooler, transformer_layers
+from adaptflow.models.layers import (
+    is_head,
+    layer_groups,
+    reinitialise_head,
+    reinitialise_pooler,
+    transformer_layers,
+)
 
 __all__ = [
     "ENCODER_TYPES", "LINEAGE_FILE", "build_tiny_model", "checkpoint_digest", "checkpoint_parameter_names",
     "convert_pickle_weights", "infer_objective", "is_head", "layer_groups", "load_model", "load_task_model",
     "load_tokenizer", "materialize_base_model", "packaged_model_path", "pickle_refusal", "pickle_weights",
-    "quiet_transformers", "read_lineage", "reinitialise_pooler", "save_checkpoint", "train_tokenizer",
-    "transformer_layers", "verified_path",
+    "quiet_transformers", "read_lineage", "reinitialise_head", "reinitialise_pooler", "save_checkpoint",
+    "train_tokenizer", "transformer_layers", "verified_path",
 ]

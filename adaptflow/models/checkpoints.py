@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "modernbert"}
 LINEAGE_FILE = "lineage.json"
+LM_HEAD_FILE = "lm_head.safetensors"  # beside a classifier whose encoder also trained a language-model head
+LM_HEAD_PREFIXES = ("cls.", "lm_head.")  # where masked and causal LMs keep their head
 
 
 def infer_objective(checkpoint_dir: str) -> str:
@@ -70,11 +72,14 @@ def verified_path(ref: CheckpointRef | str) -> str:
     return ref.uri
 
 
-def load_model(ref: CheckpointRef | str, objective: str, *, seed: int = 0, trust_remote_code: bool = False):
+def load_model(ref: CheckpointRef | str, objective: str, *, seed: int = 0, trust_remote_code: bool = False,
+               head_from: str | Path | None = None):
     """Load (model, tokenizer) for `objective` ('mlm' | 'clm') from a checkpoint directory.
 
-    Weights missing from the checkpoint (e.g. an MLM head on a sentence-embedding model) are initialised
-    from `seed`, so the "before" evaluation of a base model is reproducible; they are logged as a warning.
+    Weights missing from the checkpoint (e.g. an MLM head on a sentence-embedding model, or on a classifier) are
+    taken from `head_from` (a checkpoint with trained LM-head weights: `lm_head_source`) when given, else
+    initialised from `seed`, so the "before" evaluation of a base model is reproducible; they are logged as a
+    warning.
     """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -89,6 +94,11 @@ def load_model(ref: CheckpointRef | str, objective: str, *, seed: int = 0, trust
     if objective == "mlm" and tokenizer.mask_token_id is None:
         raise DataError(f"tokenizer of {path} has no mask token; masked-LM pretraining needs one (use objective: clm?)")
     missing = sorted(k for k in info["missing_keys"] if not _is_tied(model, k))
+    if missing and head_from is not None:
+        found = _head_tensors(Path(head_from), missing)
+        model.load_state_dict(found, strict=False)
+        log.info("%s: its %s head comes from %s (%d tensors)", path, objective.upper(), head_from, len(found))
+        missing = [k for k in missing if k not in found]
     if missing:
         log.warning(
             "%s has no trained weights for %d tensor(s) of its %s head (%s%s): they start untrained "
@@ -102,6 +112,34 @@ def load_model(ref: CheckpointRef | str, objective: str, *, seed: int = 0, trust
         )
     _check_vocabulary(path, tokenizer, model)
     return model, tokenizer
+
+
+def lm_head_source(ref: CheckpointRef | str) -> Path | None:
+    """The nearest checkpoint, from `ref` itself back up its lineage chain, that holds trained language-model head
+    weights (its own, or an adapted classifier's `lm_head.safetensors`) and is still on disk; None when none does
+    (a sentence-embedding base model has no head to start from)."""
+    path = Path(ref.uri if isinstance(ref, CheckpointRef) else ref)
+    candidates = [path, *(Path(link["uri"]) for link in reversed(read_lineage(path).get("chain", [])))]
+    for candidate in candidates:
+        if candidate.is_dir() and _head_tensors(candidate, None):
+            return candidate
+    return None
+
+
+def _head_tensors(checkpoint: Path, names: list[str] | None) -> dict[str, torch.Tensor]:
+    """LM-head tensors of `checkpoint` (the keys `names`, or every `cls.` / `lm_head.` key when None)."""
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for file in (checkpoint / "model.safetensors", checkpoint / LM_HEAD_FILE):
+        if not file.is_file():
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                wanted = key.startswith(LM_HEAD_PREFIXES) if names is None else key in names
+                if wanted and key not in found:
+                    found[key] = handle.get_tensor(key)
+    return found
 
 
 def _check_vocabulary(path, tokenizer, model) -> None:
@@ -189,12 +227,17 @@ def checkpoint_parameter_names(model: torch.nn.Module, checkpoint_dir: str | Pat
     return {n for n, _ in model.named_parameters() if n in stored or n.removeprefix(prefix) in stored}
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path, *, lineage: dict) -> str:
+def save_checkpoint(model, tokenizer, out_dir: str | Path, *, lineage: dict,
+                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
     """Write a Hugging Face checkpoint (safetensors, config, tokenizer, lineage.json) atomically; return its digest.
+    `extra_files` (file name → tensors) are written beside the weights as safetensors and count in the digest
+    (transformers reads only its own files).
 
     Written to a temporary sibling directory and renamed into place, so a crash never leaves a half-written
     checkpoint where a reader would find one.
     """
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -203,6 +246,8 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, lineage: dict) -> 
         with quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+        for name, tensors in (extra_files or {}).items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name)
         digest = checkpoint_digest(tmp)
         (tmp / LINEAGE_FILE).write_text(json.dumps({**lineage, "digest": digest}, indent=2, default=str))
         if read_lineage(out_dir).get("digest") == digest:
@@ -221,6 +266,16 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, lineage: dict) -> 
 def read_lineage(checkpoint_dir: str | Path) -> dict:
     path = Path(checkpoint_dir) / LINEAGE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def head_labels(checkpoint_dir: str | Path) -> list[str] | None:
+    """The labels of a classifier checkpoint's head, in output order (None: not a task classifier)."""
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if not any(name.endswith(("ForSequenceClassification", "ForTokenClassification")) for name in architectures):
+        return None
+    id2label = config.get("id2label") or {}
+    return [id2label[str(i)] for i in range(len(id2label))]
 
 
 @contextlib.contextmanager

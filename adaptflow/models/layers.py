@@ -43,8 +43,22 @@ def reinitialise_pooler(model, seed: int) -> set[str]:
     pooler = getattr(model.base_model, "pooler", None)
     if pooler is None:
         return set()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        pooler.apply(model._init_weights)
+    _initialise(model, pooler, seed)
     prefix = f"{model.base_model_prefix}.pooler."
     return {n for n, _ in model.named_parameters() if n.startswith(prefix)}
+
+
+def reinitialise_head(model, seed: int) -> None:
+    """Give the task head (`classifier` / `score`) fresh weights from `seed`, as if the checkpoint had none."""
+    head = next(module for name, module in model.named_children() if name in HEAD_NAMES)
+    _initialise(model, head, seed)
+
+
+def _initialise(model, module: nn.Module, seed: int) -> None:
+    """`model`'s own initialisation of `module`, from `seed`. transformers marks loaded tensors as initialised and
+    its init functions then leave them alone, so the marks are cleared first."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        tensor._is_hf_initialized = False
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module.apply(model._init_weights)

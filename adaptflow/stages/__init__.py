@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from adaptflow.stages.contract import CONTRACT, StageEnv, check_stage
+from adaptflow.stages.contract import CONTRACT, Contribution, StageEnv, check_stage
 
 # name -> module, in the order the stages run
 STAGES: dict[str, str] = {
@@ -66,4 +66,4 @@ def comes_before(stage: str, other: str) -> bool:
     return order.index(stage) < order.index(other)
 
 
-__all__ = ["CONTRACT", "STAGES", "StageEnv", "check_stage", "comes_before", "get", "names", "register", "unregister"]
+__all__ = ["CONTRACT", "STAGES", "Contribution", "StageEnv", "check_stage", "comes_before", "get", "names", "register", "unregister"]

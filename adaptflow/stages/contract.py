@@ -13,7 +13,11 @@ A stage module has
                    the stage itself; under a launcher every rank calls it
 
 and two flags: `DISTRIBUTED` (it may run on the recipe's ranks, every rank calling `run`) and `REUSABLE` (a
-finished run with the same cache key is reused instead of recomputed).
+finished run with the same cache key is reused instead of recomputed). Optionally
+
+    contribution(config, result) -> Contribution | None
+                   what the stage added, as one measure of its input and of its output (a build prints it per
+                   stage, so each stage of a chain shows that it earns its place)
 """
 
 from __future__ import annotations
@@ -75,6 +79,23 @@ class StageEnv(Record):
 
     def on_rank(self, runtime: Runtime, log_metrics: MetricsSink | None) -> StageEnv:
         return dataclasses.replace(self, runtime=runtime, log_metrics=log_metrics)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One measure of a stage's input (`before`; None where the input cannot be measured so, e.g. a language
+    model scored as a classifier) and of its output (`after`)."""
+
+    measure: str  # e.g. "kitchen test accuracy (source-only reference → adapted)"
+    before: float | None
+    after: float
+    higher_is_better: bool = True
+
+    @property
+    def gain(self) -> float | None:
+        if self.before is None:
+            return None
+        return (self.after - self.before) * (1 if self.higher_is_better else -1)
 
 
 def check_stage(module: ModuleType) -> ModuleType:

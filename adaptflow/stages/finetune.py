@@ -33,22 +33,25 @@ from adaptflow.kinds.sft import DEFAULT_PROMPT_TEMPLATE
 from adaptflow.lineage import stage_cache_key, stage_lineage
 from adaptflow.models.checkpoints import (
     checkpoint_parameter_names,
+    head_labels,
     infer_objective,
+    lm_head_source,
     load_model,
     load_task_model,
     save_checkpoint,
 )
-from adaptflow.models.layers import reinitialise_pooler
+from adaptflow.models.layers import is_head, reinitialise_head, reinitialise_pooler
 from adaptflow.objectives import build_objective
 from adaptflow.refs import CheckpointRef, DatasetRef, Record
 from adaptflow.regularizers import AnchorPenalty, anchored_parameters, base_name, diagonal_fisher
-from adaptflow.stages.contract import StageEnv
+from adaptflow.stages.contract import Contribution, StageEnv
 from adaptflow.strategies import STRATEGIES, StrategySettings, apply_strategy, trainable_fraction
 from adaptflow.train import BatchSampler, EarlyStopping, adamw, loop_settings, make_engine, param_groups, train
 from adaptflow.train.optim import layerwise_lr_groups
 
 log = logging.getLogger(__name__)
 NAME = "finetune"
+FISHER_BLOCK = 128  # tokens per block of EWC's Fisher text (fewer when the model's positions are fewer)
 DISTRIBUTED = True
 REUSABLE = True
 
@@ -81,6 +84,10 @@ class Config(Optimization):
     peft: dict[str, Any] = Field(default_factory=dict)
     adapter_reduction: PositiveInt = 16
     reinit_pooler: bool = True
+    # A task head the starting checkpoint already has (an adapted classifier's, for the same labels) starts
+    # afresh from the seed (`reinitialise`) or keeps its weights (`keep`); either way it trains as a new head
+    # (head_lr, never anchored by L2-SP/EWC).
+    carried_head: Literal["reinitialise", "keep"] = "reinitialise"
     unfreeze_every: PositiveInt = 50
     layerwise_lr_decay: Annotated[float, Field(gt=0, le=1)] | None = None
     regularizer: RegularizerConfig | None = None
@@ -165,9 +172,7 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
 
     model, tokenizer = load_task_model(base, task.kind, labels, seed=seed, dropout=config.dropout,
                                        trust_remote_code=env.trust_remote_code)
-    pretrained_names = checkpoint_parameter_names(model, base.uri)
-    if config.reinit_pooler:
-        pretrained_names -= reinitialise_pooler(model, seed)
+    device = runtime.device()
 
     def encode(records: list[dict]) -> list[dict]:
         return kind.encode(records, tokenizer, labels=labels, max_length=config.max_length,
@@ -180,6 +185,20 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
     objective = kind.objective(tokenizer.pad_token_id, labels,
                                balance_over=train_items if config.class_weights == "balanced" else None)
 
+    pretrained_names = checkpoint_parameter_names(model, base.uri)
+    carried = {name for name in pretrained_names if is_head(name)}
+    metrics: dict[str, float] = {}
+    if carried and test_items and head_labels(base.uri) == labels:
+        # The input already is a classifier of this task (an adapted one): its test scores are where
+        # fine-tuning starts from, the "before" of what this stage adds.
+        scores, _ = score(model.to(device), kind, objective, test_items, labels, device=device)
+        metrics |= {f"input_test_{k}": v for k, v in scores.items()}
+    if carried and config.carried_head == "reinitialise":
+        reinitialise_head(model, seed)
+    pretrained_names -= carried  # a head is the task's own, whatever the checkpoint held
+    if config.reinit_pooler:
+        pretrained_names -= reinitialise_pooler(model, seed)
+
     steps_per_epoch = max(1, len(train_items) // (config.batch_size * config.grad_accum_steps))
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     new_parameters = frozenset(n for n, _ in model.named_parameters() if n not in pretrained_names)
@@ -187,7 +206,6 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
         kind=kind, peft=config.peft, adapter_reduction=config.adapter_reduction, unfreeze_every=config.unfreeze_every,
         total_steps=max_steps, new_parameters=new_parameters), seed=seed)
     model = strategy.model
-    device = runtime.device()
     model.to(device)
     fisher_texts = None
     if config.regularizer is not None and config.regularizer.type == "ewc":
@@ -232,7 +250,7 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
                    runtime=runtime, engine=engine)
 
     # Validation scores of the weights kept (the best ones when early stopping restored them).
-    metrics: dict[str, float] = {"steps": float(result.steps), **result.eval_metrics}
+    metrics |= {"steps": float(result.steps), **result.eval_metrics}
     reports_dir = stage_dir / "reports"
     reports: list[str] = []
     if test_items:
@@ -259,6 +277,17 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
     runtime.barrier()
     return Result(checkpoint=checkpoint, seed=seed, metrics=metrics, selection_metric=metric, selection_mode=mode,
                   reports=tuple(reports))
+
+
+def contribution(config: Config, result: Result) -> Contribution | None:
+    """The task's test score (its selection metric) of the output and, when the input already was a classifier of
+    the task (an adapted one), of the input."""
+    metric = result.selection_metric
+    if f"test_{metric}" not in result.metrics:
+        return None
+    start = "input classifier" if f"input_test_{metric}" in result.metrics else "new head"
+    return Contribution(f"{config.task} test {metric} ({start} → fine-tuned)", result.metrics.get(f"input_test_{metric}"),
+                        result.metrics[f"test_{metric}"], higher_is_better=result.selection_mode == "max")
 
 
 def aggregate_seeds(results: list[Result]) -> dict[str, float]:
@@ -313,12 +342,16 @@ def _regularizer(config, model, pretrained_names, base, fisher_texts, device, se
 def _fisher_for(params, base, texts, device, seed, n_batches):
     """Diagonal Fisher of the starting checkpoint's own LM loss, mapped onto the task model's parameter names."""
     objective_name = infer_objective(base.uri)
-    lm_model, lm_tokenizer = load_model(base, objective_name, seed=seed)
+    # The language model's own head: the chain's last trained one (an adapted classifier has none of its own).
+    lm_model, lm_tokenizer = load_model(base, objective_name, seed=seed, head_from=lm_head_source(base))
     lm_model.to(device)
     objective = build_objective(objective_name, lm_tokenizer)
-    blocks = pack_blocks(tokenize_corpus(texts, lm_tokenizer, objective=objective_name), 128)
+    config = lm_model.config
+    block = min(FISHER_BLOCK, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+                or FISHER_BLOCK)
+    blocks = pack_blocks(tokenize_corpus(texts, lm_tokenizer, objective=objective_name), block)
     if len(blocks) == 0:
-        raise DataError("EWC: the Fisher text (regularizer.fisher_corpus) is shorter than one 128-token block")
+        raise DataError(f"EWC: the Fisher text (regularizer.fisher_corpus) is shorter than one {block}-token block")
     g = torch.Generator().manual_seed(seed)
     batches = []
     for start in range(0, min(len(blocks), 8 * n_batches), 8):

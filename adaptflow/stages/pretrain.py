@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import torch
@@ -29,11 +29,11 @@ from adaptflow.data.tokenize import mix_replay, pack_blocks, tokenize_corpus
 from adaptflow.errors import ConfigError
 from adaptflow.evaluation.perplexity import perplexity
 from adaptflow.lineage import stage_cache_key, stage_lineage
-from adaptflow.models.checkpoints import infer_objective, load_model, save_checkpoint
+from adaptflow.models.checkpoints import checkpoint_parameter_names, infer_objective, load_model, save_checkpoint
 from adaptflow.objectives import build_objective
 from adaptflow.objectives.mlm import split_mlm_head
 from adaptflow.refs import CheckpointRef, DatasetRef, Record
-from adaptflow.stages.contract import StageEnv
+from adaptflow.stages.contract import Contribution, StageEnv
 from adaptflow.train import BatchSampler, adamw, loop_settings, make_engine, param_groups, train
 from adaptflow.train.checkpointing import fetch_state, latest_training_state, mirror_state, state_dir
 
@@ -89,6 +89,9 @@ class Inputs(Record):
 @dataclass(frozen=True)
 class Result(Record):
     checkpoint: CheckpointRef
+    # Held-out `eval_loss`/`eval_perplexity` of the output and, from a run that started at step 0 with
+    # evaluation on, of the input (`*_start`): what the stage added.
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def cache_key(config: Config, inputs: Inputs, seed: int) -> str:
@@ -185,7 +188,31 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
         if runtime.is_main:
             digest = save_checkpoint(model.cpu(), tokenizer, final, lineage=lineage)
     runtime.barrier()
-    return Result(CheckpointRef(uri=str(final), digest=digest, stage=NAME, mlflow_run_id=env.mlflow_run_id))
+    metrics = dict(result.eval_metrics) | {f"{k}_start": v for k, v in result.start_metrics.items()}
+    metrics["input_head_trained"] = float(_head_trained(model, inputs.base))
+    return Result(CheckpointRef(uri=str(final), digest=digest, stage=NAME, mlflow_run_id=env.mlflow_run_id),
+                  metrics=metrics)
+
+
+def contribution(config: Config, result: Result) -> Contribution | None:
+    """Held-out perplexity on the stage's corpus, of the input and of the output (lower is better). An input
+    whose LM head is untrained (the packaged MiniLM's) has no meaningful perplexity: no "before" then."""
+    metrics = result.metrics
+    if "eval_perplexity" not in metrics:
+        return None
+    before = metrics.get("eval_perplexity_start") if metrics.get("input_head_trained") else None
+    return Contribution(f"{config.corpus} held-out perplexity", before, metrics["eval_perplexity"],
+                        higher_is_better=False)
+
+
+def _head_trained(model: torch.nn.Module, base: CheckpointRef) -> bool:
+    """Whether `base` holds every weight of `model`'s LM head (tied weights count: they are the embeddings)."""
+    _, head = split_mlm_head(model)
+    if head is None:
+        return True
+    head_ids = {id(p) for p in head.parameters()}
+    stored = checkpoint_parameter_names(model, base.uri)
+    return all(name in stored for name, p in model.named_parameters() if id(p) in head_ids)
 
 
 def _optimizer_and_freezing(model: torch.nn.Module, config: Config):

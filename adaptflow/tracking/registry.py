@@ -1,6 +1,6 @@
 """The MLflow model registry: every finished build registers its model as a new version with alias `challenger`;
-`promote` moves `champion` to it only when its gates passed (or when forced, with a reason); `rollback` moves
-`champion` back. Every decision is an audit run in the `adaptflow-registry-audit` experiment; nothing is deleted.
+`promote` moves `champion` to it only when its gates passed (never on a verdict of "none": no gate judged it), or
+when forced, with a reason; `rollback` moves `champion` back. Every decision is an audit run in the `adaptflow-registry-audit` experiment; nothing is deleted.
 
     register_build(client, run_id=..., checkpoint=..., kind=..., model_name=..., tags=...) -> version
     promote(client, model_name, version=None, force=False, reason=None) / rollback(client, model_name)
@@ -131,10 +131,12 @@ def promote(client, model_name: str, *, version: str | None = None, force: bool 
     previous = _alias_version(client, model_name, CHAMPION)
     record = {"model": model_name, "version": version, "previous": previous, "gates": verdict, "forced": force,
               "by": user or getpass.getuser()}
-    if verdict == "failed" and not force:
+    if verdict != "passed" and not force:
         failed = [f"{k.removeprefix('adaptflow.gate.')} ({v.removeprefix('FAIL: ')})" for k, v in sorted(tags.items())
                   if k.startswith("adaptflow.gate.") and v.startswith("FAIL")]
-        record |= {"action": "refused", "reason": "gates failed: " + "; ".join(failed)}
+        why = "gates failed: " + "; ".join(failed) if verdict == "failed" else \
+            "no promotion gate judged it (verdict none): set evaluation.gates in the recipe"
+        record |= {"action": "refused", "reason": why}
         _audit(client, record)
         raise PromotionRefused(f"{model_name} version {version} stays out of service: {record['reason']} "
                                f"({CHAMPION} remains {previous or 'unset'}; --force --reason TEXT overrides)")

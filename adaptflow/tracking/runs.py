@@ -220,6 +220,10 @@ def summarise(parent, children: list) -> dict:
                if "adaptflow.guard" in run.data.tags else {}),
             **({"gates": {k.removeprefix("adaptflow.gate."): v for k, v in sorted(run.data.tags.items())
                           if k.startswith("adaptflow.gate.")}} if "adaptflow.gates" in run.data.tags else {}),
+            **({"contribution": {"measure": run.data.tags["adaptflow.contribution"],
+                                 **{part: run.data.metrics.get(f"contribution_{part}")
+                                    for part in ("before", "after", "gain")}}}
+               if "adaptflow.contribution" in run.data.tags else {}),
         }
         for run in children
     }

@@ -72,6 +72,7 @@ class LoopResult:
     seconds: float
     last_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)  # of the weights the model ends with
+    start_metrics: dict[str, float] = field(default_factory=dict)  # of the starting weights (eval_at_start)
 
 
 class BatchSampler:
@@ -207,6 +208,7 @@ def train(
         eval_metrics = evaluate()
         log_metrics(0, eval_metrics)
         model.train()
+    start_metrics = dict(eval_metrics)
 
     window_loss = torch.zeros((), device=device)
     window_reg = torch.zeros((), device=device)
@@ -322,6 +324,7 @@ def train(
         seconds=time.perf_counter() - started,
         last_metrics=last,
         eval_metrics=eval_metrics,
+        start_metrics=start_metrics,
     )
 
 

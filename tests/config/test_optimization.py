@@ -61,3 +61,11 @@ def test_save_every_is_refused_where_a_stage_cannot_resume_from_saves(stage):
     with pytest.raises(ValidationError, match="does not resume from saves yet"):
         type(TRAINING_STAGES[stage]).model_validate(TRAINING_STAGES[stage].model_dump() | {"save_every": 10})
     assert pretrain.Config(save_every=10).save_every == 10
+
+
+def test_an_old_constant_lambda_schedule_is_not_silently_read_as_a_learning_rate_schedule():
+    with pytest.raises(RecipeError, match="Set lambda_schedule too"):  # its adapt section names no λ schedule
+        load_recipe(DOMAINS / "biomedical.yaml", ["stages.adapt.schedule=constant"])
+    recipe = load_recipe(DOMAINS / "biomedical.yaml", ["stages.adapt.schedule=constant",
+                                                       "stages.adapt.lambda_schedule=ganin"])
+    assert (recipe.stages.adapt.schedule, recipe.stages.adapt.lambda_schedule) == ("constant", "ganin")

@@ -345,3 +345,32 @@ def test_prepare_task_from_s3(s3_env, s3_client, tmp_path):
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_env, Prefix="prepared/")["Contents"]]
     assert len(keys) == 2
     assert prepare_task("tos", config, out_dir=out) == splits
+
+
+def test_test_fraction_holds_out_a_disjoint_stable_test_split_of_real_reviews(tmp_path):
+    kitchen = DATA / "sentiment" / "amazon_kitchen"
+    needs_data(kitchen)
+    config = TaskDataConfig(type="classification", train=str(kitchen / "labelled.jsonl"), validation_fraction=0.2,
+                            test_fraction=0.7)
+    splits = prepare_task("kitchen", config, out_dir=tmp_path / "out", seed=7)
+    train, validation, test = (load_records(s) for s in (splits.train, splits.validation, splits.test))
+    reviews = [json.loads(line) for line in (kitchen / "labelled.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(train) + len(validation) + len(test) == len({r["text"] for r in reviews}) == 1977  # 23 repeated
+    assert 150 <= len(train) <= 250 and 340 <= len(validation) <= 460 and 1320 <= len(test) <= 1480
+    texts = [{r["text"] for r in split} for split in (train, validation, test)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    # The validation split is the one the task had without a test fraction: adding one never moves it.
+    without = prepare_task("kitchen", config.model_copy(update={"test_fraction": 0.0}), out_dir=tmp_path / "b", seed=7)
+    assert load_records(without.validation) == validation and without.test is None
+    assert set(label_counts(train, "classification")) == {"positive", "negative"}
+
+
+def test_test_fraction_must_leave_training_data(tmp_path):
+    with pytest.raises(ValueError, match="must leave part of train"):
+        toy_task(tmp_path, validation=None, test=None, validation_fraction=0.5, test_fraction=0.5)
+    config = toy_task(tmp_path, test=None, test_fraction=0.999)  # every record's hash is below 0.997
+    with pytest.raises(DataError, match="leaves nothing of its"):
+        prepare_task("toy", config, out_dir=tmp_path / "out", seed=1)
+    # A given test file wins over test_fraction, which then holds nothing out.
+    given = prepare_task("toy", toy_task(tmp_path, test_fraction=0.5), out_dir=tmp_path / "given")
+    assert given.test.rows == 2 and given.train.rows == 6

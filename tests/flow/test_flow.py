@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from transformers import AutoModelForMaskedLM
+from mlflow.exceptions import MlflowException
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
 from adaptflow.data.labelled import read_records
@@ -217,31 +218,110 @@ def test_a_failing_stage_fails_the_build_and_registers_its_status(tmp_path, tiny
     assert not list((tmp_path / "runs").glob("stages/pretrain-*/final"))
 
 
-def test_adversarial_stage_guard_decision_reaches_mlflow_and_the_summary(tmp_path):
-    """The sentiment recipe shrunk to a tiny model: the guard's decision and both sides' numbers are tracked.
-    (Rejection itself, and carrying on with the input checkpoint, is tested on the stage in test_adapt.py.)"""
-    overrides = [
+def sentiment_build(tmp_path, overrides, *, max_examples=120):
+    """domains/sentiment.yaml on a tiny model (tokenizer trained on the kitchen text) with a few steps a stage."""
+    tiny = [
         f"workdir={tmp_path / 'runs'}", "model.name=null", "model.tiny.tokenizer_corpus=kitchen",
         "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.max_position_embeddings=128",
-        "stages.adapt.max_length=64", "stages.adapt.max_steps=8", "stages.adapt.eval_every=8",
-        "stages.adapt.lambda_max=1000", "stages.adapt.schedule=constant", "stages.adapt.lr=0.01",
-        "stages.adapt.freeze_layers=0", "stages.adapt.max_eval_examples=60",
+        "corpora.kitchen.max_documents=300", "corpora.general.max_documents=200",
+        "stages.pretrain.max_steps=6", "stages.pretrain.eval_every=3", "stages.pretrain.head_warmup_steps=2",
+        "stages.adapt.max_length=64", "stages.adapt.max_steps=8", "stages.adapt.lr=0.01",
+        "stages.adapt.max_eval_examples=60", "stages.adapt.target_mlm.head_warmup_steps=2",
+        "stages.finetune.max_steps=6", "stages.finetune.eval_every=3", "stages.finetune.max_length=64",
+        "stages.finetune.batch_size=4",
+        "evaluation.max_blocks=4", "evaluation.pseudo_perplexity_tokens=128", "evaluation.robustness.max_examples=30",
     ]
-    args = ["build", str(DOMAINS / "sentiment.yaml"), "--no-progress", "--max-examples", "120",
+    args = ["build", str(DOMAINS / "sentiment.yaml"), "--no-progress", "--max-examples", str(max_examples),
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--summary-json", str(tmp_path / "s.json")]
-    result = CliRunner().invoke(app, args + [a for o in overrides for a in ("--set", o)])
+    result = CliRunner().invoke(app, args + [a for o in tiny + overrides for a in ("--set", o)])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    summary = json.loads((tmp_path / "s.json").read_text())
+    return result.output, json.loads((tmp_path / "s.json").read_text()), MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_the_sentiment_recipe_runs_the_whole_chain_and_registers_the_fine_tuned_classifier(tmp_path):
+    """TAPT → adaptation (target MLM + self-training, guarded) → few-shot fine-tuning → evaluation → registry."""
+    # A tiny model is never 90 % sure: self-training takes each class's most confident quarter instead.
+    output, summary, client = sentiment_build(tmp_path, ["stages.adapt.self_training.threshold=null",
+                                                         "stages.adapt.self_training.per_class=0.25"])
+    stages = summary["stages"]
+    assert set(stages) == {"prepare", "pretrain", "adapt", "finetune-seed13", "evaluate"}
+    assert all(stage["status"] == "FINISHED" for stage in stages.values())
+    runs = {name: client.get_run(stage["run_id"]) for name, stage in stages.items()}
+    # Each stage starts from the checkpoint the one before handed on.
+    base = client.get_run(summary["build_run_id"]).data.tags["adaptflow.base_model.digest"]
+    assert runs["pretrain"].data.tags["adaptflow.input_checkpoint.digest"] == base
+    assert (runs["adapt"].data.tags["adaptflow.input_checkpoint.digest"]
+            == runs["pretrain"].data.tags["adaptflow.checkpoint.digest"])
+    adapted_out = runs["adapt"].data.tags["adaptflow.checkpoint.digest"]
+    assert runs["finetune-seed13"].data.tags["adaptflow.input_checkpoint.digest"] == adapted_out
+    assert stages["adapt"]["checkpoint_uri"] == runs["adapt"].data.tags[
+        "adaptflow.adapted.uri" if stages["adapt"]["guard"] == "accepted" else "adaptflow.reference.uri"]
+    adapt_metrics = runs["adapt"].data.metrics
+    assert {"target_test_accuracy", "reference_target_test_accuracy", "pseudo_labelled_fraction",
+            "train_target_mlm_loss", "train_pseudo_label_loss"} <= set(adapt_metrics)
+    # The registered model is the fine-tuned kitchen classifier, with the whole chain in its provenance.
+    version = client.get_model_version_by_alias("adaptflow-sentiment", "challenger")
+    chain = [link.split(":")[0] for link in version.tags["adaptflow.stage_chain"].split(" → ")]
+    assert chain == ["base", "pretrain", "adapt", "finetune"]
+    assert version.tags["adaptflow.checkpoint.digest"] == runs["finetune-seed13"].data.tags["adaptflow.checkpoint.digest"]
+    assert "adaptflow.gate.adaptation_beats_source_only" not in version.tags  # evaluation's gates judge this one
+    model = AutoModelForSequenceClassification.from_pretrained(stages["finetune-seed13"]["checkpoint_uri"])
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    # Each stage says what it added: pretraining in held-out perplexity of its input and output, adaptation
+    # against its source-only reference, fine-tuning from the adapted classifier it started with.
+    contributions = {name: stage["contribution"] for name, stage in stages.items() if "contribution" in stage}
+    assert set(contributions) == {"pretrain", "adapt", "finetune-seed13"}
+    pretrained = runs["pretrain"].data.metrics
+    assert contributions["pretrain"]["measure"] == "kitchen held-out perplexity"
+    assert contributions["pretrain"]["before"] == pretrained["eval_perplexity_start"]  # the tiny base saves its head
+    assert contributions["pretrain"]["after"] == pretrained["eval_perplexity"]
+    assert contributions["pretrain"]["gain"] == pytest.approx(pretrained["eval_perplexity_start"]
+                                                              - pretrained["eval_perplexity"])
+    assert contributions["adapt"]["before"] == adapt_metrics["reference_target_test_accuracy"]
+    tuned = runs["finetune-seed13"].data.metrics
+    assert contributions["finetune-seed13"]["before"] == tuned["input_test_accuracy"]
+    assert contributions["finetune-seed13"]["after"] == tuned["test_accuracy"]
+    output_accuracy = adapt_metrics["target_test_accuracy" if stages["adapt"]["guard"] == "accepted"
+                                     else "reference_target_test_accuracy"]
+    assert tuned["input_test_accuracy"] == pytest.approx(output_accuracy, abs=1e-6)  # one test set, one model
+    assert "what each stage contributed" in output and "source-only" in output
+    assert summary["gates"] in {"passed", "failed"}
+
+
+@pytest.mark.parametrize("outcome", ["accepted", "rejected"])
+def test_an_adapt_only_build_registers_a_text_classifier_whatever_the_guard_decides(tmp_path, monkeypatch, outcome):
+    """The adapt stage's output is the build's product: the adapted classifier or the source-only reference, a
+    classifier either way, its verdict the guard's gate; `champion` moves only when adaptation won."""
+    import mlflow.pyfunc
+
+    from adaptflow.stages import adapt
+
+    only_adapt = ["stages.pretrain.enabled=false", "stages.finetune.enabled=false", "evaluation.enabled=false"]
+    if outcome == "accepted":  # nothing target-side: the adapted run is its own reference, so it cannot lose
+        only_adapt += ["stages.adapt.adversary=none", "stages.adapt.target_mlm=null", "stages.adapt.self_training=null"]
+    else:  # the guard's comparison itself is tested on the stage (tests/stages/test_adapt.py)
+        monkeypatch.setattr(adapt, "guard_decision", lambda *a, **k: (False, "forced by the test (source-only won)"))
+    output, summary, client = sentiment_build(tmp_path, only_adapt)
     stage = summary["stages"]["adapt"]
-    assert stage["guard"] in {"accepted", "rejected"} and "source-only" in stage["guard_reason"]
-    assert "negative-transfer guard on adapt" in result.output
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert stage["guard"] == outcome and "negative-transfer guard on adapt" in output
     run = client.get_run(stage["run_id"])
-    assert {"target_accuracy", "reference_target_accuracy", "discriminator_accuracy", "proxy_a_distance",
-            "proxy_a_distance_before", "accepted"} <= set(run.data.metrics)
-    assert client.get_run(summary["build_run_id"]).data.tags["adaptflow.adapt.guard"] == stage["guard"]
-    expected = run.data.tags["adaptflow.adapted.uri" if stage["guard"] == "accepted" else "adaptflow.input_checkpoint.uri"]
-    assert stage["checkpoint_uri"] == expected
+    handed_on = run.data.tags["adaptflow.adapted.uri" if outcome == "accepted" else "adaptflow.reference.uri"]
+    assert stage["checkpoint_uri"] == handed_on
+    version = client.get_model_version_by_alias("adaptflow-sentiment", "challenger")
+    assert version.tags["adaptflow.checkpoint.digest"] == run.data.tags["adaptflow.checkpoint.digest"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model("models:/adaptflow-sentiment@challenger").predict(["Sturdy pan.", "It leaks."])
+    assert set(served["label"]) <= {"negative", "positive"}  # served as a text classifier
+    gate = version.tags["adaptflow.gate.adaptation_beats_source_only"]
+    assert gate.startswith("pass" if outcome == "accepted" else "FAIL")
+    assert version.tags["adaptflow.gates"] == ("passed" if outcome == "accepted" else "failed")
+    AutoModelForSequenceClassification.from_pretrained(handed_on)  # a classifier, never the input LM
+    if outcome == "accepted":
+        assert client.get_model_version_by_alias("adaptflow-sentiment", "champion").version == version.version
+    else:
+        assert summary["promotion"].startswith("refused")
+        with pytest.raises(MlflowException):
+            client.get_model_version_by_alias("adaptflow-sentiment", "champion")
 
 
 def test_a_build_launches_its_training_stages_on_two_ranks_under_torchrun(tmp_path, tiny_overrides):

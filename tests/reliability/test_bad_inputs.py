@@ -197,6 +197,13 @@ def test_a_test_label_never_seen_in_training(tmp_path):
                                                           "never occurs in training"])
 
 
+def test_a_training_set_smaller_than_its_batch_is_refused_before_any_stage_trains(tmp_path):
+    code, out = build(tmp_path, "tasks.chemprot.max_examples=12")  # fine-tuning's batch is 16
+    assert_refused(tmp_path, code, out, exit_code=1, says=[
+        "tasks.chemprot (finetune): 12 training record(s) after splitting, fewer than a batch (16)",
+        "lower stages.finetune.batch_size"])
+
+
 def test_conll_with_a_bad_column_count(tmp_path):
     conll = write(tmp_path / "data" / "train.conll", "Aspirin\tB-Chemical\nhelps\tO\n\nIbuprofen\tNN\tB-Chemical\n")
     recipe = write(tmp_path / "ner.yaml", (DOMAINS / "tiny.yaml").read_text().replace(

@@ -3,34 +3,40 @@ and the negative-transfer guard."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModelForSequenceClassification
 
 from adaptflow.config import DistributedConfig, ModelConfig, TaskDataConfig, TinyModelConfig
 from adaptflow.data.corpus import prepare_corpus
 from adaptflow.data.labelled import prepare_task
 from adaptflow.launch import launch_stage
 from adaptflow.models import materialize_base_model
-from adaptflow.objectives.dann import (
-    DANNModel,
-    DomainAdversarial,
+from adaptflow.models.checkpoints import LM_HEAD_FILE, head_labels, lm_head_source, load_model
+from adaptflow.objectives.adaptation import (
+    AdaptationModel,
+    DomainAdaptation,
     DomainDiscriminator,
     PairedSampler,
     adversarial_weight,
     grad_reverse,
 )
 from adaptflow.objectives.padding import pad_batch
-from adaptflow.stages import StageEnv
+from adaptflow.stages import StageEnv, finetune
 from adaptflow.stages import adapt as stage
 from adaptflow.stages.adapt import Config as AdaptConfig
 from adaptflow.stages.adapt import guard_decision
 from adaptflow.train import BatchSampler, LoopSettings, train
+from adaptflow.train.loop import LoopResult
 from tests.conftest import DOMAINS
 
 POSITIVE, NEGATIVE = ["good", "great", "excellent", "love"], ["bad", "awful", "poor", "hate"]
@@ -189,8 +195,8 @@ def test_adversary_makes_the_domains_harder_to_tell_apart_while_the_task_learns(
 
     def run(lambda_max: float, seed: int) -> tuple[float, float]:
         torch.manual_seed(seed)
-        model = DANNModel(BagOfWords(len(ids) + 1), DomainDiscriminator(16, [32], dropout=0.0))
-        objective = DomainAdversarial(pad_id=0)
+        model = AdaptationModel(BagOfWords(len(ids) + 1), DomainDiscriminator(16, [32], dropout=0.0))
+        objective = DomainAdaptation(pad_id=0)
         objective.weight = lambda_max
         sampler = PairedSampler(BatchSampler(source, 32, seed), BatchSampler(target, 32, seed + 1))
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -226,9 +232,14 @@ def test_guard_rejects_a_stage_made_worse_on_purpose(domains, tmp_path):
     # λ = 1000: the reversed gradient swamps the task loss and the target suffers.
     result = stage.run(config(lambda_max=1000.0), inputs(domains), StageEnv(work_dir=tmp_path))
     assert not result.accepted, result.reason
-    assert result.checkpoint == domains["base"]
+    assert result.checkpoint == result.reference != domains["base"], "a rejection hands on the source-only classifier"
     assert result.metrics["target_accuracy"] < result.metrics["reference_target_accuracy"]
     assert (tmp_path / result.adapted.uri).exists()
+    # The classifier handed on is the one a source-only stage (same seed and budget, no guard) writes.
+    alone = stage.run(config(lambda_max=1000.0).source_only().model_copy(update={"guard": stage.GuardConfig(enabled=False)}),
+                      inputs(domains), StageEnv(work_dir=tmp_path / "alone"))
+    assert alone.checkpoint.digest == result.checkpoint.digest
+    AutoModelForSequenceClassification.from_pretrained(result.checkpoint.uri)  # a classifier, never the input LM
 
 
 def test_the_stage_runs_launched_on_two_ranks_under_zero3_and_saves_whole_weights(domains, tmp_path):
@@ -247,3 +258,68 @@ def test_the_stage_runs_launched_on_two_ranks_under_zero3_and_saves_whole_weight
     query = "bert.encoder.layer.0.attention.self.query.weight"
     assert adapted[query].shape == base[query].shape == (32, 32)
     assert not torch.equal(adapted[query], base[query])  # LoRA merged in: trained, whole
+
+
+@pytest.fixture(scope="module")
+def adapted_with_mlm(domains, tmp_path_factory):
+    """A classifier adapted with a target masked LM (guard off: the adapted one goes on)."""
+    settings = config(max_steps=20, eval_every=20, adversary="none", guard=stage.GuardConfig(enabled=False),
+                      target_mlm=stage.TargetMLMConfig(weight=0.5))
+    return stage.run(settings, inputs(domains), StageEnv(work_dir=tmp_path_factory.mktemp("mlm"), seed=0))
+
+
+def test_the_adapted_classifier_carries_its_trained_mlm_head(adapted_with_mlm, domains, caplog):
+    checkpoint = adapted_with_mlm.checkpoint
+    assert checkpoint == adapted_with_mlm.adapted and adapted_with_mlm.reference is None
+    saved = load_file(f"{checkpoint.uri}/{LM_HEAD_FILE}")
+    assert "cls.predictions.transform.dense.weight" in saved
+    assert lm_head_source(checkpoint) == Path(checkpoint.uri)
+    assert lm_head_source(domains["base"]) == Path(domains["base"].uri)  # a tiny masked LM saves its own head
+    assert head_labels(checkpoint.uri) == ["negative", "positive"] and head_labels(domains["base"].uri) is None
+    with caplog.at_level(logging.INFO, logger="adaptflow.models.checkpoints"):
+        lm, _ = load_model(checkpoint, "mlm", head_from=lm_head_source(checkpoint))
+    assert "MLM head comes from" in caplog.text
+    torch.testing.assert_close(lm.state_dict()["cls.predictions.transform.dense.weight"],
+                               saved["cls.predictions.transform.dense.weight"])
+    fresh, _ = load_model(checkpoint, "mlm")
+    assert not torch.equal(fresh.state_dict()["cls.predictions.transform.dense.weight"],
+                           saved["cls.predictions.transform.dense.weight"])
+
+
+@pytest.mark.parametrize("carried_head", ["keep", "reinitialise"])
+def test_fine_tuning_after_adaptation_treats_the_carried_head_as_new_whatever_it_keeps(adapted_with_mlm, domains,
+                                                                                       tmp_path, monkeypatch,
+                                                                                       carried_head):
+    """The adapted encoder is the start; its task head is kept or drawn afresh as the recipe says, and either
+    way it trains at head_lr and is never anchored by L2-SP/EWC. EWC's Fisher is the masked-LM loss through the
+    head adaptation trained. Fine-tuning starts where adaptation ended: its input's test scores are recorded."""
+    seen = {}
+
+    def no_training(model, objective, sampler, optimizer, settings, **kwargs):  # the starting weights are saved
+        seen.update(optimizer=optimizer, regularizer=kwargs["regularizer"])
+        return LoopResult(steps=0, tokens=0, seconds=0.0)
+
+    monkeypatch.setattr(finetune, "train", no_training)
+    labelled = domains["target_labelled"]
+    task = dataclasses.replace(labelled, test=labelled.validation)
+    settings = finetune.Config(task="kitchen_labelled", max_steps=4, batch_size=16, lr=1e-4, head_lr=5e-3,
+                               max_length=32, carried_head=carried_head,
+                               regularizer={"type": "ewc", "strength": 1.0, "fisher_batches": 1})
+    result = finetune.run(settings, finetune.Inputs(base=adapted_with_mlm.checkpoint, task=task),
+                          StageEnv(work_dir=tmp_path, seed=3))
+    head, start = load_file(f"{result.checkpoint.uri}/model.safetensors"), load_file(
+        f"{adapted_with_mlm.checkpoint.uri}/model.safetensors")
+    same = torch.equal(head["classifier.weight"], start["classifier.weight"])
+    assert same == (carried_head == "keep")
+    assert torch.equal(head["bert.encoder.layer.0.attention.self.query.weight"],
+                       start["bert.encoder.layer.0.attention.self.query.weight"])
+    groups = {group["name"]: group for group in seen["optimizer"].param_groups}
+    head_params = {id(p) for name, group in groups.items() if name.startswith("head") for p in group["params"]}
+    assert {g["lr"] for name, g in groups.items() if name.startswith("head")} == {5e-3}
+    assert len(head_params) == 2  # classifier weight and bias: the head, and nothing else, is new
+    assert not any(name.startswith("classifier") for name in seen["regularizer"].names)
+    # The input's own test accuracy, scored before its head was touched (the same for keep and reinitialise).
+    assert 0 <= result.metrics["input_test_accuracy"] <= 1
+    contribution = finetune.contribution(settings, result)
+    assert contribution.before == result.metrics["input_test_macro_f1"]  # the selection metric's
+    assert contribution.measure == "kitchen_labelled test macro_f1 (input classifier → fine-tuned)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,7 +15,8 @@ from adaptflow.config import DistributedConfig, ModelConfig, TaskDataConfig, Tin
 from adaptflow.data.corpus import read_texts
 from adaptflow.data.labelled import prepare_task
 from adaptflow.launch import launch_stage
-from adaptflow.models import load_task_model, materialize_base_model
+from adaptflow.models import load_task_model, materialize_base_model, reinitialise_head, reinitialise_pooler
+from adaptflow.refs import DatasetRef
 from adaptflow.regularizers import AnchorPenalty
 from adaptflow.stages import StageEnv
 from adaptflow.stages import finetune as stage
@@ -325,3 +327,33 @@ def test_a_lora_adapter_saved_under_zero3_on_two_ranks_equals_the_one_saved_with
     merged, merged_plain = (load_file(f"{r.checkpoint.uri}/model.safetensors") for r in (zero3, plain))
     for name, tensor in merged_plain.items():
         torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_reinitialising_the_pooler_and_the_head_really_redraws_loaded_weights(tmp_path, base):
+    """transformers marks loaded weights as initialised and its init functions skip them: the re-initialisation
+    must clear those marks, or it silently keeps the checkpoint's weights."""
+    model, _ = load_task_model(base, "classification", CHEMPROT_LABELS, seed=0)
+    model.save_pretrained(tmp_path / "classifier")  # a checkpoint with a pooler and a head of its own
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    saved = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    names = reinitialise_pooler(loaded, seed=5)
+    reinitialise_head(loaded, seed=5)
+    assert names == {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    now = dict(loaded.named_parameters())
+    assert not torch.equal(now["bert.pooler.dense.weight"], saved["bert.pooler.dense.weight"])
+    assert not torch.equal(now["classifier.weight"], saved["classifier.weight"])
+    assert torch.equal(now["bert.encoder.layer.0.attention.self.query.weight"],
+                       saved["bert.encoder.layer.0.attention.self.query.weight"])
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    reinitialise_head(again, seed=5)
+    assert torch.equal(dict(again.named_parameters())["classifier.weight"], now["classifier.weight"])  # seeded
+
+
+def test_the_ewc_fisher_corpus_is_part_of_the_cache_key(chemprot, base):
+    config = FinetuneConfig(task="t", max_steps=4, regularizer={"type": "ewc", "fisher_corpus": "domain"})
+    general = DatasetRef(uri="/data/general.parquet", digest="a" * 16, rows=10, name="general")
+    other = dataclasses.replace(general, digest="b" * 16)
+    key = stage.cache_key(config, stage.Inputs(base=base, task=chemprot, fisher=general), 1)
+    assert key == stage.cache_key(config, stage.Inputs(base=base, task=chemprot, fisher=general), 1)
+    assert key != stage.cache_key(config, stage.Inputs(base=base, task=chemprot, fisher=other), 1)
+    assert key != stage.cache_key(config, stage.Inputs(base=base, task=chemprot), 1)

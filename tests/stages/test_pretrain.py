@@ -9,13 +9,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from adaptflow.config import ModelConfig, TinyModelConfig
 from adaptflow.data.corpus import load_texts, prepare_corpus
 from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
-from adaptflow.models import materialize_base_model
+from adaptflow.models import checkpoint_digest, materialize_base_model
 from adaptflow.objectives import build_objective
+from adaptflow.refs import CheckpointRef
 from adaptflow.stages import StageEnv
 from adaptflow.stages import pretrain as stage
 from adaptflow.stages.pretrain import Config as PretrainConfig
@@ -147,3 +148,34 @@ def test_head_warmup_trains_the_head_alone_first(abstracts, tiny_bert):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("cls.") for k in changed), changed
     assert "bert.embeddings.word_embeddings.weight" not in changed
+
+
+@pytest.mark.parametrize("architecture", ["bert", "gpt2"])
+def test_the_stage_reports_held_out_perplexity_before_and_after_as_its_contribution(tmp_path, corpus, architecture):
+    base = base_model(tmp_path, corpus, architecture)
+    config = PretrainConfig(block_size=32, batch_size=8, max_steps=20, lr=3e-3, eval_every=10, eval_max_blocks=8,
+                            corpus="domain")
+    result = stage.run(config, stage.Inputs(base=base, train=corpus.train, validation=corpus.validation),
+                       StageEnv(work_dir=tmp_path / "stages", seed=0))
+    metrics = result.metrics
+    assert metrics["input_head_trained"] == 1.0  # a tiny model saves its head (GPT-2's is the tied embeddings)
+    contribution = stage.contribution(config, result)
+    assert contribution.before == metrics["eval_perplexity_start"] > contribution.after == metrics["eval_perplexity"]
+    assert contribution.gain == pytest.approx(contribution.before - contribution.after) and contribution.gain > 0
+
+
+def test_an_input_without_a_trained_mlm_head_has_no_before(tmp_path, corpus):
+    """A sentence-embedding checkpoint (a bare encoder, as the packaged MiniLM) has no MLM head: its step-0
+    perplexity is a random head's, so it is no "before"."""
+    base = base_model(tmp_path, corpus)
+    encoder = AutoModel.from_pretrained(base.uri)  # drops the MLM head
+    encoder.save_pretrained(tmp_path / "encoder")
+    AutoTokenizer.from_pretrained(base.uri).save_pretrained(tmp_path / "encoder")
+    bare = CheckpointRef(uri=str(tmp_path / "encoder"), digest=checkpoint_digest(tmp_path / "encoder"), stage="base")
+    config = PretrainConfig(block_size=32, batch_size=8, max_steps=4, eval_every=2, eval_max_blocks=4,
+                            corpus="domain")
+    result = stage.run(config, stage.Inputs(base=bare, train=corpus.train, validation=corpus.validation),
+                       StageEnv(work_dir=tmp_path / "stages", seed=0))
+    assert result.metrics["input_head_trained"] == 0.0 and "eval_perplexity_start" in result.metrics
+    contribution = stage.contribution(config, result)
+    assert contribution.before is None and contribution.gain is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from typer.testing import CliRunner
 
 from adaptflow.errors import ConfigError
@@ -120,3 +121,14 @@ def test_a_promotion_judged_against_a_champion_that_has_since_moved_is_refused(r
     assert (refused["action"], refused["version"], refused["previous"]) == ("refused", second, first)
     promote(client, MODEL, version=second, user="ci", expected_champion=first)  # judged against the right one
     assert champion(client) == second
+
+
+def test_a_version_no_gate_judged_is_not_promoted_unless_forced(registry):
+    client, add, _ = registry
+    add("none")
+    with pytest.raises(PromotionRefused, match="no promotion gate judged it"):
+        promote(client, MODEL, user="ci")
+    assert audit_trail(client, MODEL)[-1]["action"] == "refused"
+    with pytest.raises(MlflowException):
+        champion(client)  # never set
+    assert promote(client, MODEL, force=True, reason="reviewed by hand", user="ci")["action"] == "promote"
