@@ -145,10 +145,16 @@ class AdaptationModel(nn.Module):
         return logits, features
 
     def mlm_logits(self, batch: dict, *, through_encoder: bool = True) -> torch.Tensor:
-        """Vocabulary logits at the masked positions of `batch` (`labels` ≠ IGNORE), through the shared encoder
-        (`through_encoder=False`: its gradient stops at the head)."""
+        """Vocabulary logits at the masked positions of `batch` (`labels` ≠ IGNORE), through the shared encoder.
+        `through_encoder=False` stops the gradient at the head: the encoder's output and the decoder tied to its
+        input embeddings are both held fixed, so only the head's own layers learn."""
         hidden = self.classifier.base_model(**model_inputs(batch)).last_hidden_state[batch["labels"] != IGNORE]
-        return self.mlm_head(hidden if through_encoder else hidden.detach())
+        if through_encoder:
+            return self.mlm_head(hidden)
+        encoder = {id(p) for p in self.classifier.parameters()}
+        fixed = {name: p.detach() for name, p in self.mlm_head.named_parameters(remove_duplicate=False)
+                 if id(p) in encoder}
+        return torch.func.functional_call(self.mlm_head, fixed, (hidden.detach(),), strict=False)
 
 
 def attach_mlm_head(classifier: nn.Module, lm_model: nn.Module) -> nn.Module:

@@ -137,3 +137,30 @@ def test_cdan_gives_the_discriminator_no_gradient_into_the_class_probabilities()
     encoder.zero_grad()
     task_only.backward()
     torch.testing.assert_close(head_grad, encoder.classifier.weight.grad)  # the domain term left the head alone
+
+
+@pytest.mark.parametrize("through_encoder", [False, True])
+def test_a_warming_mlm_head_learns_alone_its_tied_decoder_included(tiny_bert, through_encoder):
+    """During the head warm-up the target MLM's gradient stops at the head: neither the encoder's layers nor the
+    decoder tied to its input embeddings move; afterwards both do."""
+    from transformers import BertForMaskedLM, BertForSequenceClassification
+
+    from adaptflow.objectives.adaptation import attach_mlm_head
+
+    config = tiny_bert[0].config
+    torch.manual_seed(0)
+    classifier = BertForSequenceClassification(config)
+    model = AdaptationModel(classifier, DomainDiscriminator(config.hidden_size, [4]),
+                            attach_mlm_head(classifier, BertForMaskedLM(config)))
+    ids = torch.randint(5, config.vocab_size, (2, 8))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 2:5] = ids[:, 2:5]
+    model.mlm_logits({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
+                     through_encoder=through_encoder).logsumexp(-1).sum().backward()
+    embeddings = classifier.get_input_embeddings().weight
+    encoder_layer = classifier.bert.encoder.layer[0].attention.self.query.weight
+    assert model.mlm_head.predictions.transform.dense.weight.grad.abs().sum() > 0
+    for parameter in (embeddings, encoder_layer):
+        moved = parameter.grad is not None and bool(parameter.grad.abs().sum() > 0)
+        assert moved == through_encoder
+    assert model.mlm_head.predictions.decoder.weight is embeddings, "the decoder stays tied"
