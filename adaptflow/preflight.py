@@ -46,6 +46,11 @@ def preflight_problems(recipe: Recipe, tracking_uri: str | None = None) -> list[
                 infer_objective(str(path)) != "clm":
             problems.append(f"stages.self_instruct: model.path {path} is an encoder; generating instructions needs "
                             "a decoder (causal LM)")
+        adapting = recipe.enabled("adapt")
+        if adapting is not None and adapting.target_mlm is not None and (path / "config.json").is_file() and \
+                infer_objective(str(path)) != "mlm":
+            problems.append(f"stages.adapt.target_mlm: model.path {path} is a decoder; a masked LM on target text "
+                            "needs an encoder (or set stages.adapt.target_mlm: null)")
     distributed = recipe.distributed
     if distributed.hostfile is not None and not Path(distributed.hostfile).is_file():
         problems.append(f"distributed.hostfile: not found: {distributed.hostfile}")

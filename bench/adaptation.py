@@ -181,8 +181,9 @@ class Benchmark:
         return result.metrics["test_accuracy"]
 
     def chain_section(self, seed: int) -> None:
-        """Each link of the chain on the chain pair; the adapt section's runs stand in where they are the same
-        stage call (no adaptation = its source-only reference, +adapt = its guarded output)."""
+        """Each link of the chain on the chain pair; a run stands in for another where they are the same stage
+        call (no adaptation = the adapt section's source-only reference, +adapt = its guarded output, +TAPT = the
+        source-only reference of +TAPT+adapt)."""
         for arm in CHAIN_ARMS:
             key = f"chain/{CHAIN_PAIR}/{arm}/{seed}"
             if not self.done(key):
@@ -194,8 +195,8 @@ class Benchmark:
         if arm == "no_adaptation":
             return self.same_as(f"adapt/{CHAIN_PAIR}/source_only/{seed}") or output_accuracy(
                 self.run_adapt(CHAIN_PAIR, seed, {}, guard=False))
-        if arm == "tapt":
-            return output_accuracy(self.run_adapt(CHAIN_PAIR, seed, {}, guard=False, base=self.tapt_checkpoint(seed)))
+        if arm == "tapt":  # source-only from the TAPT checkpoint: the guard's reference of +TAPT+adapt
+            return self.tapt_adapt(seed).metrics["reference_target_test_accuracy"]
         if arm == "adapt":
             return self.same_as(f"adapt/{CHAIN_PAIR}/guarded/{seed}") or output_accuracy(
                 self.run_adapt(CHAIN_PAIR, seed, self.combination(), guard=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from adaptflow import stages
 from adaptflow.data.corpus import PreparedCorpus, load_texts, prepare_corpus
 from adaptflow.data.labelled import TaskSplits, label_counts, load_records, prepare_task
 from adaptflow.errors import DataError
@@ -67,26 +68,12 @@ def prepare_data(ctx: BuildContext) -> PreparedInputs:
                     log(0, {f"{name}.{split}_rows": ref.rows})
             counts = label_counts(load_records(splits.train), splits.kind)
             log(0, {f"{name}.train_label.{label}": n for label, n in counts.items()})
-        if problems := batch_problems(recipe, prepared, tasks):  # before any stage trains on them
+        problems = [problem for name in recipe.enabled_stages()  # before any stage trains on them
+                    if (check := getattr(stages.get(name), "check_data", None)) is not None
+                    for problem in check(recipe, prepared, tasks)]
+        if problems:
             raise DataError("; ".join(problems))
         return PreparedInputs(corpora=prepared, tasks=tasks)
-
-
-def batch_problems(recipe, corpora: dict, tasks: dict) -> list[str]:
-    """Training sets smaller than the batch of the stage that trains on them, each named with its fix."""
-    wanted = []  # (what, rows, batch_size, setting)
-    if (adapt := recipe.enabled("adapt")) is not None:
-        wanted += [(f"tasks.{adapt.source_task} (adapt's source)", tasks[adapt.source_task].train.rows,
-                    adapt.batch_size, "stages.adapt.batch_size"),
-                   (f"corpora.{adapt.target_corpus} (adapt's target)", corpora[adapt.target_corpus].train.rows,
-                    adapt.batch_size, "stages.adapt.batch_size")]
-    tuning = recipe.enabled("finetune")
-    # Self-Instruct and active learning change the fine-tuning set later; the loop checks it then.
-    if tuning is not None and recipe.enabled("self_instruct") is None and recipe.enabled("active_learning") is None:
-        wanted.append((f"tasks.{tuning.task} (finetune)", tasks[tuning.task].train.rows, tuning.batch_size,
-                       "stages.finetune.batch_size"))
-    return [f"{what}: {rows} training record(s) after splitting, fewer than a batch ({batch}); lower {setting} "
-            "or give more data" for what, rows, batch, setting in wanted if rows < batch]
 
 
 @stage_task("prepare-model")

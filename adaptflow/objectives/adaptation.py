@@ -20,6 +20,7 @@ mlm weight · target MLM + pseudo weight · pseudo-label CE.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -148,13 +149,16 @@ class AdaptationModel(nn.Module):
         """Vocabulary logits at the masked positions of `batch` (`labels` ≠ IGNORE), through the shared encoder.
         `through_encoder=False` stops the gradient at the head: the encoder's output and the decoder tied to its
         input embeddings are both held fixed, so only the head's own layers learn."""
-        hidden = self.classifier.base_model(**model_inputs(batch)).last_hidden_state[batch["labels"] != IGNORE]
-        if through_encoder:
-            return self.mlm_head(hidden)
-        encoder = {id(p) for p in self.classifier.parameters()}
+        classifier = self.classifier.get_base_model() if hasattr(self.classifier, "get_base_model") else self.classifier
+        masked = batch["labels"] != IGNORE
+        if through_encoder:  # (a PEFT model's own base_model is its tuner, not the encoder: unwrap it first)
+            return self.mlm_head(classifier.base_model(**model_inputs(batch)).last_hidden_state[masked])
+        with torch.no_grad():
+            hidden = classifier.base_model(**model_inputs(batch)).last_hidden_state[masked]
+        encoder = {id(p) for p in classifier.parameters()}
         fixed = {name: p.detach() for name, p in self.mlm_head.named_parameters(remove_duplicate=False)
                  if id(p) in encoder}
-        return torch.func.functional_call(self.mlm_head, fixed, (hidden.detach(),), strict=False)
+        return torch.func.functional_call(self.mlm_head, fixed, (hidden,), strict=False)
 
 
 def attach_mlm_head(classifier: nn.Module, lm_model: nn.Module) -> nn.Module:
@@ -204,16 +208,21 @@ class DomainAdaptation:
         self._counts: dict[str, float] = {}
 
     def collate(self, pair, generator=None) -> dict:
+        """The source batch, with the target batch, its pseudo-labels and MLM masks beside it; which target terms
+        the batch has are decided here, on the host, so the loss needs no device sync to know."""
         source, target = pair
         batch = SequenceClassification(self.pad_id, self.class_weights).collate(source)
         batch["target"] = pad_batch(target, self.pad_id)
         pseudo = self.pseudo_labels
         batch["target_pseudo"] = torch.tensor([NO_LABEL if pseudo is None else int(pseudo[item["index"]])
                                                for item in target], dtype=torch.long)
+        batch["has_pseudo"] = bool((batch["target_pseudo"] != NO_LABEL).any())
+        batch["has_mlm"] = False
         if self.masker is not None and self.mlm_weight:
             masked = self.masker.collate(batch["target"]["input_ids"], generator)
             batch["target_mlm"] = {"input_ids": masked["input_ids"], "labels": masked["labels"],
                                    "attention_mask": batch["target"]["attention_mask"]}
+            batch["has_mlm"] = bool((masked["labels"] != IGNORE).any())
         return batch
 
     def loss(self, model: AdaptationModel, batch: dict) -> torch.Tensor:
@@ -221,13 +230,17 @@ class DomainAdaptation:
         weight = None if self.class_weights is None else self.class_weights.to(logits.device, logits.dtype)
         total = F.cross_entropy(logits, batch["labels"], weight=weight, reduction="sum")
         scale = batch["n_targets"]  # every other term is a mean, weighted like the source examples' loss
-        target_logits, target_features = model(batch["target"])
+        # Without a reversed gradient, moment matching or pseudo-labels, target features only feed the (spectator)
+        # discriminator: no graph through the encoder for them.
+        target_trains = bool(self.weight) or self.moment is not None or batch["has_pseudo"]
+        with contextlib.nullcontext() if target_trains else torch.no_grad():
+            target_logits, target_features = model(batch["target"])
 
         features = torch.cat([source_features, target_features])
         if self.conditional:
             features = conditioned(features, torch.cat([logits, target_logits]).float().softmax(-1).detach())
         domains = torch.cat([torch.zeros(len(source_features)), torch.ones(len(target_features))]).to(features)
-        domain_logits = model.discriminator(grad_reverse(features, self.weight))
+        domain_logits = model.discriminator(grad_reverse(features, self.weight) if self.weight else features.detach())
         domain_loss = F.binary_cross_entropy_with_logits(domain_logits.float(), domains.float())
         total = total + scale * domain_loss
         self._track("domain_loss", domain_loss.detach())
@@ -238,12 +251,12 @@ class DomainAdaptation:
             total = total + scale * self.moment_weight * distance
             self._track("moment_distance", distance.detach())
         pseudo = batch["target_pseudo"]
-        if (pseudo != NO_LABEL).any():
+        if batch["has_pseudo"]:
             labelled = pseudo != NO_LABEL
             pseudo_loss = F.cross_entropy(target_logits[labelled], pseudo[labelled])
             total = total + scale * self.pseudo_weight * pseudo_loss * labelled.float().mean()
             self._track("pseudo_label_loss", pseudo_loss.detach())
-        if "target_mlm" in batch and (batch["target_mlm"]["labels"] != IGNORE).any():
+        if batch["has_mlm"]:
             mlm_batch = batch["target_mlm"]
             mlm_loss = F.cross_entropy(model.mlm_logits(mlm_batch, through_encoder=self.mlm_reaches_encoder).float(),
                                        mlm_batch["labels"][mlm_batch["labels"] != IGNORE])

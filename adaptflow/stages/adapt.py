@@ -66,7 +66,7 @@ from adaptflow.objectives.mlm import MaskedLM
 from adaptflow.objectives.padding import pad_batch
 from adaptflow.refs import CheckpointRef, DatasetRef, Record
 from adaptflow.regularizers import base_name
-from adaptflow.stages.contract import Contribution, StageEnv
+from adaptflow.stages.contract import Contribution, StageEnv, batch_problems
 from adaptflow.strategies import StrategySettings, apply_strategy
 from adaptflow.train import BatchSampler, adamw, loop_settings, make_engine, param_groups, train
 
@@ -85,13 +85,15 @@ class DiscriminatorConfig(Section):
 
 class TargetMLMConfig(Section):
     """A masked LM on target text, mixed with the source task loss on the shared encoder (UDALM). The MLM head is
-    the input checkpoint's when it has one (after continued pretraining), else initialised from the seed."""
+    the one the chain's last language model trained (after continued pretraining), else initialised from the seed.
+    Needs a masked-LM encoder (BERT-like) whose tokenizer has a mask token."""
 
     weight: PositiveFloat = 0.5
     mlm_probability: Probability = 0.15
     whole_word_masking: bool = False
-    # An untrained head (the packaged MiniLM has none) first learns alone: its loss reaches the encoder only
-    # after this many steps, so its first, random gradients cannot damage what the encoder knows.
+    # An untrained head (the packaged MiniLM has none) first learns alone: its loss reaches the encoder (and the
+    # decoder tied to its embeddings) only after this many steps, so its first, random gradients cannot damage
+    # what the encoder knows. A trained head is used at once.
     head_warmup_steps: NonNegativeInt = 0
 
 
@@ -175,6 +177,13 @@ class Config(Optimization):
         return self.model_copy(update={"adversary": "none", "moment_matching": None, "target_mlm": None,
                                        "self_training": None, "reweight_source": "none"})
 
+    @model_validator(mode="after")
+    def _mlm_warmup_fits(self) -> Config:
+        if self.target_mlm is not None and self.target_mlm.head_warmup_steps >= self.max_steps:
+            raise ValueError(f"target_mlm.head_warmup_steps ({self.target_mlm.head_warmup_steps}) must be < "
+                             f"max_steps ({self.max_steps}), or the masked LM never reaches the encoder")
+        return self
+
     @property
     def relabel_at(self) -> list[float]:
         """When (fractions of training) pseudo-labels and the target prior are estimated again."""
@@ -240,7 +249,10 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
     metrics |= {f"{k}_before": v for k, v in before.items()}
     output, reference, accepted, reason = adapted, None, True, "guard disabled"
     if config.guard.enabled:
-        reference, reference_metrics = train_once(config.source_only(), "reference", None)
+        if config == config.source_only():  # nothing target-side: the adapted classifier is its own reference
+            reference, reference_metrics = adapted, dict(metrics)
+        else:
+            reference, reference_metrics = train_once(config.source_only(), "reference", None)
         metrics |= {f"reference_{k}": v for k, v in reference_metrics.items() if k.startswith(("target_", "source_"))}
         accepted, reason = guard_decision(metrics, reference_metrics, tolerance=config.guard.tolerance)
         output = adapted if accepted else reference
@@ -250,6 +262,23 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
     _write_decision(stage_dir, metrics, accepted, reason, env)
     return Result(checkpoint=output, adapted=adapted, reference=reference, accepted=accepted, reason=reason,
                   metrics=metrics)
+
+
+def check_recipe(recipe) -> None:
+    """A target masked LM needs a masked-LM encoder; a tiny decoder is refused here (a `model.path` is checked by
+    preflight, from its config.json)."""
+    tiny = recipe.model.tiny
+    if recipe.stages.adapt.target_mlm is not None and tiny is not None and tiny.architecture != "bert":
+        raise ValueError(f"stages.adapt.target_mlm trains a masked LM on target text, which needs an encoder; this "
+                         f"recipe's model is a {tiny.architecture} decoder: use an encoder (bert), or set "
+                         "stages.adapt.target_mlm: null")
+
+
+def check_data(recipe, corpora: dict, tasks: dict) -> list[str]:
+    config = recipe.stages.adapt
+    return batch_problems(config.batch_size, "stages.adapt.batch_size", {
+        f"tasks.{config.source_task} (adapt's source)": tasks[config.source_task].train.rows,
+        f"corpora.{config.target_corpus} (adapt's target)": corpora[config.target_corpus].train.rows})
 
 
 def describe(config: Config) -> str:
@@ -337,10 +366,14 @@ def _build(config: Config, base: CheckpointRef, labels: list[str], kind, seed: i
     model, _ = load_task_model(base, kind.name, labels, seed=seed)
     pretrained = checkpoint_parameter_names(model, base.uri) - reinitialise_pooler(model, seed)
     new = frozenset(n for n, _ in model.named_parameters() if n not in pretrained)
-    mlm_head = None
+    mlm_head, mlm_warmup = None, 0
     if config.target_mlm is not None:  # the MLM head of the chain's last language model, when it has one
-        lm_model, _ = load_model(base, "mlm", seed=seed, head_from=lm_head_source(base))
+        trained_head = lm_head_source(base)
+        lm_model, _ = load_model(base, "mlm", seed=seed, head_from=trained_head)
         mlm_head = attach_mlm_head(model, lm_model)
+        mlm_warmup = 0 if trained_head is not None else config.target_mlm.head_warmup_steps
+        log.info("target MLM head %s", f"from {trained_head}" if trained_head is not None else
+                 f"untrained: it learns alone for {mlm_warmup} steps before its loss reaches the encoder")
     for group in layer_groups(model)[: config.freeze_layers + 1 if config.freeze_layers else 0]:
         for p in group:
             p.requires_grad_(False)
@@ -351,14 +384,15 @@ def _build(config: Config, base: CheckpointRef, labels: list[str], kind, seed: i
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         discriminator = DomainDiscriminator(features, config.discriminator.hidden, config.discriminator.dropout)
-    return AdaptationModel(strategy.model, discriminator, mlm_head, conditional=config.adversary == "cdan"), new
+    model = AdaptationModel(strategy.model, discriminator, mlm_head, conditional=config.adversary == "cdan")
+    return model, new, mlm_warmup
 
 
 def _train(config: Config, base: CheckpointRef, labels: list[str], data: _AdaptData, seed: int, log_metrics,
            env: StageEnv, *, tokenizer, out, lineage: dict) -> dict[str, float]:
     """Train one classifier with `config`'s objectives, evaluate it, and save it (rank 0) to `out`; its metrics,
     with the saved checkpoint's `digest`."""
-    model, new = _build(config, base, labels, data.kind, seed)
+    model, new, mlm_warmup = _build(config, base, labels, data.kind, seed)
     runtime = env.runtime
     device = runtime.device()
     model.to(device)
@@ -375,7 +409,7 @@ def _train(config: Config, base: CheckpointRef, labels: list[str], data: _AdaptD
     def before_step(step: int) -> None:
         objective.weight = adversarial_weight(config.lambda_schedule, step / config.max_steps, gamma=config.gamma,
                                               maximum=lambda_max, warm_start=config.warm_start)
-        objective.mlm_reaches_encoder = mlm is None or step >= mlm.head_warmup_steps
+        objective.mlm_reaches_encoder = step >= mlm_warmup
         if step in relabel_steps:
             relabelled = _relabel(model, objective, config, data, device)
             (log_metrics or (lambda s, m: None))(step, relabelled)

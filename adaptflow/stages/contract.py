@@ -18,6 +18,11 @@ finished run with the same cache key is reused instead of recomputed). Optionall
     contribution(config, result) -> Contribution | None
                    what the stage added, as one measure of its input and of its output (a build prints it per
                    stage, so each stage of a chain shows that it earns its place)
+    check_recipe(recipe) -> None
+                   what the stage needs of the rest of the recipe; raises ValueError when loading the recipe
+    check_data(recipe, corpora, tasks) -> list[str]
+                   what the stage needs of the prepared data (e.g. at least a batch of it), as problems with their
+                   fixes; the build refuses to start training while any stage has one
 """
 
 from __future__ import annotations
@@ -96,6 +101,12 @@ class Contribution:
         if self.before is None:
             return None
         return (self.after - self.before) * (1 if self.higher_is_better else -1)
+
+
+def batch_problems(batch_size: int, setting: str, rows: dict[str, int]) -> list[str]:
+    """A problem for each training set (what → rows after splitting) smaller than a batch, with its fix."""
+    return [f"{what}: {n} training record(s) after splitting, fewer than a batch ({batch_size}); lower {setting} "
+            "or give more data" for what, n in rows.items() if n < batch_size]
 
 
 def check_stage(module: ModuleType) -> ModuleType:

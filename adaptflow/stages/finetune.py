@@ -44,7 +44,7 @@ from adaptflow.models.layers import is_head, reinitialise_head, reinitialise_poo
 from adaptflow.objectives import build_objective
 from adaptflow.refs import CheckpointRef, DatasetRef, Record
 from adaptflow.regularizers import AnchorPenalty, anchored_parameters, base_name, diagonal_fisher
-from adaptflow.stages.contract import Contribution, StageEnv
+from adaptflow.stages.contract import Contribution, StageEnv, batch_problems
 from adaptflow.strategies import STRATEGIES, StrategySettings, apply_strategy, trainable_fraction
 from adaptflow.train import BatchSampler, EarlyStopping, adamw, loop_settings, make_engine, param_groups, train
 from adaptflow.train.optim import layerwise_lr_groups
@@ -83,10 +83,10 @@ class Config(Optimization):
     strategy: str = "full"  # a name in adaptflow.strategies.STRATEGIES
     peft: dict[str, Any] = Field(default_factory=dict)
     adapter_reduction: PositiveInt = 16
-    reinit_pooler: bool = True
+    reinit_pooler: bool = True  # a carried head that is kept keeps the pooler it reads, whatever this says
     # A task head the starting checkpoint already has (an adapted classifier's, for the same labels) starts
-    # afresh from the seed (`reinitialise`) or keeps its weights (`keep`); either way it trains as a new head
-    # (head_lr, never anchored by L2-SP/EWC).
+    # afresh from the seed (`reinitialise`) or keeps its weights and its pooler (`keep`: the features adaptation
+    # aligned); either way it trains as a new head (head_lr, never anchored by L2-SP/EWC).
     carried_head: Literal["reinitialise", "keep"] = "reinitialise"
     unfreeze_every: PositiveInt = 50
     layerwise_lr_decay: Annotated[float, Field(gt=0, le=1)] | None = None
@@ -152,6 +152,22 @@ def selection(config: Config, kind: str) -> tuple[str, str]:
     return task.primary_metric, "max" if task.higher_is_better else "min"
 
 
+def check_data(recipe, corpora: dict, tasks: dict) -> list[str]:
+    config = recipe.stages.finetune
+    problems = []
+    # Self-Instruct and active learning change the fine-tuning set later; the loop checks it then.
+    if recipe.enabled("self_instruct") is None and recipe.enabled("active_learning") is None:
+        problems += batch_problems(config.batch_size, "stages.finetune.batch_size",
+                                   {f"tasks.{config.task} (finetune)": tasks[config.task].train.rows})
+    adapting = recipe.enabled("adapt")
+    if adapting is not None and config.carried_head == "keep" and \
+            list(tasks[adapting.source_task].labels) != list(tasks[config.task].labels):
+        problems.append(f"stages.finetune.carried_head: keep, but the adapted classifier's head predicts "
+                        f"tasks.{adapting.source_task}'s labels {list(tasks[adapting.source_task].labels)}, not "
+                        f"tasks.{config.task}'s {list(tasks[config.task].labels)}; set carried_head: reinitialise")
+    return problems
+
+
 def cache_key(config: Config, inputs: Inputs, seed: int) -> str:
     settings = config.model_dump(mode="json", exclude={"seeds", "select_seed"})
     return stage_cache_key(NAME, settings, inputs, seed)
@@ -187,8 +203,12 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
 
     pretrained_names = checkpoint_parameter_names(model, base.uri)
     carried = {name for name in pretrained_names if is_head(name)}
+    same_task = bool(carried) and head_labels(base.uri) == labels
+    if carried and config.carried_head == "keep" and not same_task:
+        raise ValueError(f"stages.finetune.carried_head: keep, but the input's head predicts "
+                         f"{head_labels(base.uri)}, not this task's {labels}; set carried_head: reinitialise")
     metrics: dict[str, float] = {}
-    if carried and test_items and head_labels(base.uri) == labels:
+    if same_task and test_items:
         # The input already is a classifier of this task (an adapted one): its test scores are where
         # fine-tuning starts from, the "before" of what this stage adds.
         scores, _ = score(model.to(device), kind, objective, test_items, labels, device=device)
@@ -196,7 +216,7 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
     if carried and config.carried_head == "reinitialise":
         reinitialise_head(model, seed)
     pretrained_names -= carried  # a head is the task's own, whatever the checkpoint held
-    if config.reinit_pooler:
+    if config.reinit_pooler and not (carried and config.carried_head == "keep"):
         pretrained_names -= reinitialise_pooler(model, seed)
 
     steps_per_epoch = max(1, len(train_items) // (config.batch_size * config.grad_accum_steps))

@@ -246,7 +246,7 @@ def train(
                 tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
                 window_tokens += tokens
                 window_flops += training_flops(shape, tokens, batch["input_ids"].shape[-1])
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = to_device(batch, device)
                 with autocast:
                     loss_sum = objective.loss(forward, batch)
                 window_loss += loss_sum.detach()
@@ -372,3 +372,8 @@ class _progress:
             self.bar.stop()
         return False
 
+
+def to_device(batch: dict, device) -> dict:
+    """`batch` with its tensors on `device`, nested batches (e.g. adaptation's target text) included."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict)
+            else v for k, v in batch.items()}

@@ -289,7 +289,7 @@ def test_the_adapted_classifier_carries_its_trained_mlm_head(adapted_with_mlm, d
 @pytest.mark.parametrize("carried_head", ["keep", "reinitialise"])
 def test_fine_tuning_after_adaptation_treats_the_carried_head_as_new_whatever_it_keeps(adapted_with_mlm, domains,
                                                                                        tmp_path, monkeypatch,
-                                                                                       carried_head):
+                                                                                       carried_head, caplog):
     """The adapted encoder is the start; its task head is kept or drawn afresh as the recipe says, and either
     way it trains at head_lr and is never anchored by L2-SP/EWC. EWC's Fisher is the masked-LM loss through the
     head adaptation trained. Fine-tuning starts where adaptation ended: its input's test scores are recorded."""
@@ -305,21 +305,74 @@ def test_fine_tuning_after_adaptation_treats_the_carried_head_as_new_whatever_it
     settings = finetune.Config(task="kitchen_labelled", max_steps=4, batch_size=16, lr=1e-4, head_lr=5e-3,
                                max_length=32, carried_head=carried_head,
                                regularizer={"type": "ewc", "strength": 1.0, "fisher_batches": 1})
-    result = finetune.run(settings, finetune.Inputs(base=adapted_with_mlm.checkpoint, task=task),
-                          StageEnv(work_dir=tmp_path, seed=3))
+    with caplog.at_level(logging.INFO, logger="adaptflow.models.checkpoints"):
+        result = finetune.run(settings, finetune.Inputs(base=adapted_with_mlm.checkpoint, task=task),
+                              StageEnv(work_dir=tmp_path, seed=3))
+    assert f"MLM head comes from {adapted_with_mlm.checkpoint.uri}" in caplog.text  # EWC's Fisher
     head, start = load_file(f"{result.checkpoint.uri}/model.safetensors"), load_file(
         f"{adapted_with_mlm.checkpoint.uri}/model.safetensors")
-    same = torch.equal(head["classifier.weight"], start["classifier.weight"])
-    assert same == (carried_head == "keep")
+    for name in ("classifier.weight", "bert.pooler.dense.weight"):  # a kept head keeps the pooler it reads
+        assert torch.equal(head[name], start[name]) == (carried_head == "keep"), name
     assert torch.equal(head["bert.encoder.layer.0.attention.self.query.weight"],
                        start["bert.encoder.layer.0.attention.self.query.weight"])
-    groups = {group["name"]: group for group in seen["optimizer"].param_groups}
-    head_params = {id(p) for name, group in groups.items() if name.startswith("head") for p in group["params"]}
-    assert {g["lr"] for name, g in groups.items() if name.startswith("head")} == {5e-3}
-    assert len(head_params) == 2  # classifier weight and bias: the head, and nothing else, is new
+    heads = [group for group in seen["optimizer"].param_groups if group["name"] == "head"]
+    assert {group["lr"] for group in heads} == {5e-3}
+    new = 2 if carried_head == "keep" else 4  # classifier weight and bias (and, drawn afresh, the pooler's)
+    assert sum(len(group["params"]) for group in heads) == new, "the head, and nothing else, is new"
     assert not any(name.startswith("classifier") for name in seen["regularizer"].names)
-    # The input's own test accuracy, scored before its head was touched (the same for keep and reinitialise).
-    assert 0 <= result.metrics["input_test_accuracy"] <= 1
+    # The input's own test scores, taken before its head was touched: with nothing trained, a kept head's output
+    # is the input model itself.
+    if carried_head == "keep":
+        assert result.metrics["test_accuracy"] == pytest.approx(result.metrics["input_test_accuracy"], abs=1e-9)
     contribution = finetune.contribution(settings, result)
     assert contribution.before == result.metrics["input_test_macro_f1"]  # the selection metric's
     assert contribution.measure == "kitchen_labelled test macro_f1 (input classifier → fine-tuned)"
+
+
+@pytest.mark.parametrize("objectives, logged", [
+    ({"adversary": "cdan"}, "train_discriminator_accuracy"),  # its discriminator reads hidden × classes inputs
+    ({"adversary": "none", "moment_matching": "mmd"}, "train_moment_distance"),
+    ({"adversary": "none", "moment_matching": "coral"}, "train_moment_distance"),
+    ({"adversary": "none", "reweight_source": "target_prior"}, "source_weight.positive"),
+    ({"adversary": "none", "self_training": {"rounds": [0.5], "threshold": None}}, "pseudo_labelled_fraction"),
+    ({"adversary": "none", "strategy": "lora", "target_mlm": {"head_warmup_steps": 2}}, "train_target_mlm_loss"),
+], ids=["cdan", "mmd", "coral", "label-shift", "self-training", "lora-target-mlm"])
+def test_every_objective_trains_through_the_stage_and_reports_itself(domains, tmp_path, objectives, logged):
+    seen = {}
+    env = StageEnv(work_dir=tmp_path, seed=0, log_metrics=lambda step, metrics: seen.update(metrics))
+    result = stage.run(config(max_steps=8, eval_every=8, guard={"enabled": False}, **objectives), inputs(domains),
+                       env)
+    assert logged in seen and seen[logged] == seen[logged], (logged, sorted(seen))  # present, not NaN
+    assert head_labels(result.checkpoint.uri) == ["negative", "positive"]
+    if objectives.get("reweight_source"):
+        weights = [seen["source_weight.negative"], seen["source_weight.positive"]]
+        assert weights != [1.0, 1.0] and all(w > 0 for w in weights)
+
+
+def test_an_adaptation_with_nothing_target_side_is_its_own_reference(domains, tmp_path):
+    result = stage.run(config(max_steps=4, eval_every=4).source_only(), inputs(domains),
+                       StageEnv(work_dir=tmp_path, seed=0))
+    assert result.accepted and result.reference == result.adapted == result.checkpoint
+    assert not (Path(result.adapted.uri).parent / "reference").exists(), "trained once, not twice"
+
+
+def test_recipe_settings_the_target_mlm_cannot_use_are_refused_when_the_recipe_loads():
+    from adaptflow.recipe import RecipeError, load_recipe
+
+    with pytest.raises(ValueError, match=r"head_warmup_steps \(300\) must be < max_steps \(300\)"):
+        config(max_steps=300, target_mlm={"head_warmup_steps": 300})
+    with pytest.raises(RecipeError, match="needs an encoder"):
+        load_recipe(DOMAINS / "sentiment.yaml", ["model.name=null", "model.tiny.architecture=gpt2"])
+
+
+def test_keeping_a_carried_head_of_other_labels_is_refused_before_training(tmp_path):
+    from adaptflow.recipe import load_recipe
+
+    recipe = load_recipe(DOMAINS / "sentiment.yaml")
+    rows = SimpleNamespace(rows=500)
+    tasks = {"books": SimpleNamespace(labels=["negative", "positive"], train=rows),
+             "kitchen": SimpleNamespace(labels=["negative", "neutral", "positive"], train=rows)}
+    problems = finetune.check_data(recipe, {}, tasks)
+    assert len(problems) == 1 and "carried_head: keep" in problems[0] and "reinitialise" in problems[0]
+    tasks["kitchen"] = SimpleNamespace(labels=["negative", "positive"], train=rows)
+    assert finetune.check_data(recipe, {}, tasks) == []
