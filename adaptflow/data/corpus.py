@@ -139,7 +139,7 @@ def split_train_validation(
     if not 0 <= validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     texts = list(texts)
-    scores = [_unit_hash(seed, text) for text in texts]
+    scores = [unit_hash(seed, text) for text in texts]
     in_validation = [score < validation_fraction for score in scores]
 
     if validation_fraction > 0 and len(texts) >= 2 and not any(in_validation):
@@ -224,15 +224,11 @@ def stable_sample(keys: list[str], size: int, seed: int) -> list[int]:
     if size >= len(keys):
         return list(range(len(keys)))
     # Salted, so the sample is independent of split_train_validation's hash of the same (seed, key).
-    return sorted(sorted(range(len(keys)), key=lambda i: _unit_hash(seed, f"sample\0{keys[i]}"))[:size])
+    return sorted(sorted(range(len(keys)), key=lambda i: unit_hash(seed, f"sample\0{keys[i]}"))[:size])
 
 
 def unit_hash(seed: int, text: str) -> float:
     """A number in [0, 1) from (seed, text): where a document or record falls in a hash-based split."""
-    return _unit_hash(seed, text)
-
-
-def _unit_hash(seed: int, text: str) -> float:
     digest = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 

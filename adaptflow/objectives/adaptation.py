@@ -289,16 +289,18 @@ class PairedSampler:
 
 def class_balanced_pseudo_labels(probabilities: np.ndarray, *, threshold: float | None, per_class: int
                                  ) -> np.ndarray:
-    """Pseudo-labels for rows of class probabilities: for each class, its `per_class` most confident rows among
-    those predicted as it (at least `threshold` confident when given); every other row gets NO_LABEL. Each class
-    gets the same quota, so the labels cannot collapse onto the majority class."""
+    """Pseudo-labels for rows of class probabilities: the same number k for every class, each class's k most
+    confident rows among those predicted as it (at least `threshold` confident when given), where k is `per_class`
+    or the count of the class with the fewest such rows, if smaller; every other row gets NO_LABEL. Equal counts,
+    so the labels cannot drift onto the class the model is most confident about."""
     predicted = probabilities.argmax(1)
     confidence = probabilities.max(1)
     labels = np.full(len(probabilities), NO_LABEL, dtype=np.int64)
-    for c in range(probabilities.shape[1]):
-        rows = np.flatnonzero((predicted == c) & (confidence >= (threshold or 0.0)))
-        top = rows[np.argsort(-confidence[rows], kind="stable")[:per_class]]
-        labels[top] = c
+    eligible = [np.flatnonzero((predicted == c) & (confidence >= (threshold or 0.0)))
+                for c in range(probabilities.shape[1])]
+    k = min(per_class, *(len(rows) for rows in eligible))
+    for c, rows in enumerate(eligible):
+        labels[rows[np.argsort(-confidence[rows], kind="stable")[:k]]] = c
     return labels
 
 

@@ -100,8 +100,9 @@ class TargetMLMConfig(Section):
 class SelfTrainingConfig(Section):
     """Cross-entropy on pseudo-labels of confident target examples, from the model being trained. At each of
     `rounds` (fractions of the training steps) the whole target pool is labelled again: per class, its most
-    confident examples (at least `threshold`), up to `per_class` of the pool divided by the number of classes —
-    the same quota for every class, so the labels cannot collapse onto the majority class."""
+    confident examples (at least `threshold`), as many for every class — up to `per_class` of the pool divided by
+    the number of classes, and no more than the least confident class has — so the labels cannot collapse onto
+    the class the model favours."""
 
     rounds: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.3, 0.6], min_length=1)
     threshold: Probability | None = 0.9
@@ -259,9 +260,10 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
         log.info("negative-transfer guard: %s (%s); the %s classifier goes on", "accepted" if accepted else
                  "rejected", reason, "adapted" if accepted else "source-only reference")
     metrics["accepted"] = float(accepted)
-    _write_decision(stage_dir, metrics, accepted, reason, env)
-    return Result(checkpoint=output, adapted=adapted, reference=reference, accepted=accepted, reason=reason,
-                  metrics=metrics)
+    result = Result(checkpoint=output, adapted=adapted, reference=reference, accepted=accepted, reason=reason,
+                    metrics=metrics)
+    _write_decision(stage_dir, result, env)
+    return result
 
 
 def check_recipe(recipe) -> None:
@@ -589,12 +591,12 @@ def _domain_probe(base: CheckpointRef, labels, data: _AdaptData, seed: int, devi
     return {"probe_domain_accuracy": probe, "proxy_a_distance": 2.0 * (1.0 - 2.0 * (1.0 - probe))}
 
 
-def _write_decision(stage_dir, metrics: dict, accepted: bool, reason: str, env: StageEnv) -> None:
+def _write_decision(stage_dir, result: Result, env: StageEnv) -> None:
     """The guard's decision beside both classifiers (rank 0)."""
     if env.runtime.is_main:
-        (stage_dir / "guard.json").write_text(json.dumps({"accepted": accepted, "reason": reason,
-                                                          "output": "adapted" if accepted else "reference",
-                                                          "metrics": metrics}, indent=2))
+        (stage_dir / "guard.json").write_text(json.dumps({"accepted": result.accepted, "reason": result.reason,
+                                                          "output": result.output, "metrics": result.metrics},
+                                                         indent=2))
 
 
 

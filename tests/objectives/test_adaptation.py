@@ -38,13 +38,16 @@ def test_cdan_conditions_on_the_outer_product_of_features_and_probabilities():
     assert torch.equal(conditioned(features, probs), torch.tensor([[0.25, 0.5, 0.75, 0.75, 1.5, 2.25]]))
 
 
-def test_pseudo_labels_take_only_confident_rows_with_the_same_quota_per_class():
-    probs = np.array([[0.99, 0.01], [0.97, 0.03], [0.95, 0.05], [0.6, 0.4], [0.08, 0.92], [0.3, 0.7]])
-    labels = class_balanced_pseudo_labels(probs, threshold=0.9, per_class=2)
-    # class 0 has three confident rows but a quota of 2 (its most confident); class 1 one confident row
-    assert labels.tolist() == [0, 0, NO_LABEL, NO_LABEL, 1, NO_LABEL]
+def test_pseudo_labels_take_only_confident_rows_and_as_many_of_every_class():
+    probs = np.array([[0.99, 0.01], [0.97, 0.03], [0.95, 0.05], [0.6, 0.4], [0.08, 0.92], [0.3, 0.7],
+                      [0.04, 0.96]])
+    # class 0 has three confident rows, class 1 two: two each, the most confident, within a quota of 3
+    assert class_balanced_pseudo_labels(probs, threshold=0.9, per_class=3).tolist() == \
+        [0, 0, NO_LABEL, NO_LABEL, 1, NO_LABEL, 1]
     assert class_balanced_pseudo_labels(probs, threshold=None, per_class=1).tolist() == \
-        [0, NO_LABEL, NO_LABEL, NO_LABEL, 1, NO_LABEL]
+        [0, NO_LABEL, NO_LABEL, NO_LABEL, NO_LABEL, NO_LABEL, 1]
+    assert class_balanced_pseudo_labels(probs, threshold=0.98, per_class=3).tolist() == [NO_LABEL] * 7, \
+        "a class without a confident row: nobody is pseudo-labelled"
 
 
 def test_label_shift_weights_move_the_source_prior_to_the_target_one_and_keep_the_mean_weight():
