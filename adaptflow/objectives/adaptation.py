@@ -289,15 +289,22 @@ class PairedSampler:
 
 def class_balanced_pseudo_labels(probabilities: np.ndarray, *, threshold: float | None, per_class: int
                                  ) -> np.ndarray:
-    """Pseudo-labels for rows of class probabilities: the same number k for every class, each class's k most
-    confident rows among those predicted as it (at least `threshold` confident when given), where k is `per_class`
-    or the count of the class with the fewest such rows, if smaller; every other row gets NO_LABEL. Equal counts,
-    so the labels cannot drift onto the class the model is most confident about."""
-    predicted = probabilities.argmax(1)
-    confidence = probabilities.max(1)
+    """Pseudo-labels for rows of class probabilities, as many for every class, so the labels cannot drift onto
+    the class the model favours; every other row gets NO_LABEL.
+
+    With a `threshold`: each class's most confident rows among those predicted as it at least that confidently,
+    k of each, where k is `per_class` or the count of the class with the fewest such rows, if smaller. Without
+    (top-k): each class's `per_class` rows of highest probability for it, a row going to the first class that
+    ranks it — even a class the model never predicts gets its most likely rows."""
     labels = np.full(len(probabilities), NO_LABEL, dtype=np.int64)
-    eligible = [np.flatnonzero((predicted == c) & (confidence >= (threshold or 0.0)))
-                for c in range(probabilities.shape[1])]
+    classes = range(probabilities.shape[1])
+    if threshold is None:
+        for c in classes:
+            ranked = np.argsort(-probabilities[:, c], kind="stable")
+            labels[ranked[labels[ranked] == NO_LABEL][:per_class]] = c
+        return labels
+    predicted, confidence = probabilities.argmax(1), probabilities.max(1)
+    eligible = [np.flatnonzero((predicted == c) & (confidence >= threshold)) for c in classes]
     k = min(per_class, *(len(rows) for rows in eligible))
     for c, rows in enumerate(eligible):
         labels[rows[np.argsort(-confidence[rows], kind="stable")[:k]]] = c

@@ -99,10 +99,10 @@ class TargetMLMConfig(Section):
 
 class SelfTrainingConfig(Section):
     """Cross-entropy on pseudo-labels of confident target examples, from the model being trained. At each of
-    `rounds` (fractions of the training steps) the whole target pool is labelled again: per class, its most
-    confident examples (at least `threshold`), as many for every class — up to `per_class` of the pool divided by
-    the number of classes, and no more than the least confident class has — so the labels cannot collapse onto
-    the class the model favours."""
+    `rounds` (fractions of the training steps) the whole target pool is labelled again, as many examples for
+    every class, so the labels cannot collapse onto the class the model favours: per class, its most confident
+    examples (at least `threshold`), up to `per_class` of the pool divided by the number of classes and no more
+    than the least confident class has; with `threshold: null` (top-k), the quota of each class's most likely."""
 
     rounds: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.3, 0.6], min_length=1)
     threshold: Probability | None = 0.9

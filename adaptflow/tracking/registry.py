@@ -27,7 +27,7 @@ from adaptflow import kinds
 from adaptflow.errors import AdaptflowError, ConfigError
 from adaptflow.models.checkpoints import quiet_transformers, read_lineage
 from adaptflow.refs import CheckpointRef
-from adaptflow.tracking.runs import ensure_experiment
+from adaptflow.tracking.runs import ensure_experiment, sqlite_store_lock
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,9 @@ def promote(client, model_name: str, *, version: str | None = None, force: bool 
 
     `expected_champion` is the champion the decision was based on (the version a build's evaluation compared
     against, None for "there was none"): if another build or person moved the alias since, the decision is stale
-    and the move is refused. The registry has no compare-and-set, so this is a re-read just before the move,
-    leaving a window of one request."""
+    and the move is refused. The registry has no compare-and-set, so this is a re-read just before the move: on
+    a local SQLite store the re-read and the move hold one lock (no window); on a tracking server a window of one
+    request is left."""
     if force and not reason:
         raise ConfigError("a forced promotion needs a reason (--reason TEXT): it is recorded with the move")
     version = str(version or _alias_version(client, model_name, CHALLENGER) or "")
@@ -140,17 +141,18 @@ def promote(client, model_name: str, *, version: str | None = None, force: bool 
         _audit(client, record)
         raise PromotionRefused(f"{model_name} version {version} stays out of service: {record['reason']} "
                                f"({CHAMPION} remains {previous or 'unset'}; --force --reason TEXT overrides)")
-    while True:
-        current = _alias_version(client, model_name, CHAMPION)
-        if expected_champion != ANY and current != expected_champion:
-            record |= {"previous": current, "action": "refused",
-                       "reason": f"{CHAMPION} moved from {expected_champion or 'unset'} to {current or 'unset'} after "
-                                 "this decision was made against it"}
-            _audit(client, record)
-            raise PromotionRefused(f"{model_name} version {version} was not promoted: {record['reason']}; compare "
-                                   f"against the new {CHAMPION} (rebuild), or promote by hand")
-        if _set_alias(client, model_name, CHAMPION, version):
-            break
+    with _alias_lock(client):
+        while True:
+            current = _alias_version(client, model_name, CHAMPION)
+            if expected_champion != ANY and current != expected_champion:
+                record |= {"previous": current, "action": "refused",
+                           "reason": f"{CHAMPION} moved from {expected_champion or 'unset'} to {current or 'unset'} "
+                                     "after this decision was made against it"}
+                _audit(client, record)
+                raise PromotionRefused(f"{model_name} version {version} was not promoted: {record['reason']}; "
+                                       f"compare against the new {CHAMPION} (rebuild), or promote by hand")
+            if _set_alias(client, model_name, CHAMPION, version):
+                break
     record |= {"action": "promote", "reason": reason or f"gates {verdict}"}
     _audit(client, record)
     return record
@@ -210,6 +212,15 @@ def champion_checkpoint(client, model_name: str):
         for file in (local / "components" / "tokenizer").iterdir():  # one folder, as save_pretrained writes it
             shutil.copy2(file, checkpoint / file.name)
         yield version, CheckpointRef(uri=str(checkpoint), digest="", stage="champion")
+
+
+def _alias_lock(client):
+    """Exclusive, across processes, while a champion is re-read and moved — on a local SQLite registry; a
+    tracking server offers no lock, so there it is a no-op."""
+    uri = getattr(client, "_registry_uri", None) or ""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return sqlite_store_lock(Path(uri.removeprefix("sqlite:///")), "aliases")
 
 
 def _set_alias(client, model_name: str, alias: str, version: str) -> bool:

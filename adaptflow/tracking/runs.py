@@ -53,10 +53,18 @@ def _sqlite_schema_lock(database: Path) -> Iterator[None]:
     """One process at a time opens an SQLite store: opening it creates or migrates its schema, and two builds
     doing that at once fail ("table _alembic_tmp_experiments already exists"). MLflow keeps an opened store for
     the rest of the process, so only a process's first client waits."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite_store_lock(database, "schema"):
+        yield
+
+
+@contextmanager
+def sqlite_store_lock(database: Path, purpose: str) -> Iterator[None]:
+    """An exclusive lock, across processes, on `purpose` of the SQLite store `database` (a file beside it)."""
     import fcntl
 
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(f".{database.name}.lock"), "a") as lock:
+    suffix = "" if purpose == "schema" else f".{purpose}"  # the schema lock's file name predates the others
+    with open(database.with_name(f".{database.name}{suffix}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

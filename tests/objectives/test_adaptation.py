@@ -48,6 +48,9 @@ def test_pseudo_labels_take_only_confident_rows_and_as_many_of_every_class():
         [0, NO_LABEL, NO_LABEL, NO_LABEL, NO_LABEL, NO_LABEL, 1]
     assert class_balanced_pseudo_labels(probs, threshold=0.98, per_class=3).tolist() == [NO_LABEL] * 7, \
         "a class without a confident row: nobody is pseudo-labelled"
+    one_sided = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])  # class 1 is never predicted …
+    assert class_balanced_pseudo_labels(one_sided, threshold=None, per_class=1).tolist() == \
+        [0, NO_LABEL, NO_LABEL, 1]  # … top-k still gives it its most likely row
 
 
 def test_label_shift_weights_move_the_source_prior_to_the_target_one_and_keep_the_mean_weight():

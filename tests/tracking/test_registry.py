@@ -123,6 +123,43 @@ def test_a_promotion_judged_against_a_champion_that_has_since_moved_is_refused(r
     assert champion(client) == second
 
 
+def test_two_promotions_judged_against_the_same_champion_at_once_move_it_once(registry, monkeypatch):
+    """Two builds decide at the same moment against "no champion": the re-read and the move hold one lock on a
+    local store, so the second sees the first's move and is refused, however slow the move (widened here)."""
+    import threading
+    import time
+
+    from adaptflow.tracking import registry as module
+
+    client, add, uri = registry
+    versions = [add("passed"), add("passed")]
+    set_alias = module._set_alias
+
+    def slow_set_alias(*args):
+        time.sleep(0.5)  # a loaded machine: without the lock, both re-read "unset" before either moves
+        return set_alias(*args)
+
+    monkeypatch.setattr(module, "_set_alias", slow_set_alias)
+    outcomes = {}
+
+    def decide(version):
+        try:
+            outcomes[version] = promote(MlflowClient(uri), MODEL, version=version, expected_champion=None)["action"]
+        except PromotionRefused as refused:
+            outcomes[version] = str(refused)
+
+    threads = [threading.Thread(target=decide, args=(v,)) for v in versions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    promoted = [v for v, outcome in outcomes.items() if outcome == "promote"]
+    assert len(promoted) == 1, outcomes
+    other = next(v for v in versions if v not in promoted)
+    assert f"champion moved from unset to {promoted[0]}" in outcomes[other]
+    assert champion(client) == promoted[0]
+
+
 def test_a_version_no_gate_judged_is_not_promoted_unless_forced(registry):
     client, add, _ = registry
     add("none")
