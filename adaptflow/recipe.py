@@ -125,8 +125,9 @@ class Recipe(Section):
             for stage in data["stages"].values():
                 if stage and "max_steps" in stage:
                     stage["max_steps"] = min(stage["max_steps"] or max_steps, max_steps)
-                    if "head_warmup_steps" in stage:
-                        stage["head_warmup_steps"] = min(stage["head_warmup_steps"], stage["max_steps"] // 2)
+                    for warming in (stage, stage.get("target_mlm")):  # pretraining's head, adaptation's MLM head
+                        if warming and "head_warmup_steps" in warming:
+                            warming["head_warmup_steps"] = min(warming["head_warmup_steps"], stage["max_steps"] // 2)
         if max_examples is not None:
             for corpus in data["corpora"].values():
                 corpus["max_documents"] = min(corpus["max_documents"] or max_examples, max_examples)

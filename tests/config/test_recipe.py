@@ -117,6 +117,8 @@ def test_caps_shrink_steps_and_datasets():
     assert recipe.stages.pretrain.max_steps == 10
     assert recipe.stages.pretrain.head_warmup_steps < 10
     assert all(c.max_documents == 50 for c in recipe.corpora.values())
+    chain = load_recipe(DOMAINS / "sentiment.yaml").capped(max_steps=10)  # its target MLM warms up for 50 steps
+    assert chain.stages.adapt.max_steps == 10 and chain.stages.adapt.target_mlm.head_warmup_steps < 10
 
 
 def test_recipe_digest_changes_with_content():
