@@ -96,11 +96,15 @@ class Benchmark:
 
     def adapt_config(self, **objectives) -> adapt.Config:
         budget = self.budget
-        settings = self.recipe.stages.adapt.source_only().model_copy(update={
+        settings = self.recipe.stages.adapt.source_only().model_dump() | {
             "max_steps": budget["max_steps"], "max_length": budget["max_length"], "eval_every": 0,
             "max_eval_examples": budget["eval_examples"], "adversary": "none", "lambda_max": 0.1,
-        })
-        return settings.model_copy(update=objectives)
+        }
+        mlm = objectives.get("target_mlm")
+        if mlm is not None:  # a --quick budget shorter than the warm-up: capped as `adaptflow build --max-steps` caps
+            objectives |= {"target_mlm": mlm.model_copy(update={
+                "head_warmup_steps": min(mlm.head_warmup_steps, budget["max_steps"] // 2)})}
+        return adapt.Config.model_validate(settings | objectives)
 
     ARM_OBJECTIVES = {
         "dann": {"adversary": "dann"},

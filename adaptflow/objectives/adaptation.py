@@ -294,14 +294,18 @@ def class_balanced_pseudo_labels(probabilities: np.ndarray, *, threshold: float 
 
     With a `threshold`: each class's most confident rows among those predicted as it at least that confidently,
     k of each, where k is `per_class` or the count of the class with the fewest such rows, if smaller. Without
-    (top-k): each class's `per_class` rows of highest probability for it, a row going to the first class that
-    ranks it — even a class the model never predicts gets its most likely rows."""
+    (top-k): (row, class) pairs in decreasing probability, each taken while its row is free and its class has
+    fewer than `per_class` — so even a class the model never predicts gets its most likely rows."""
     labels = np.full(len(probabilities), NO_LABEL, dtype=np.int64)
     classes = range(probabilities.shape[1])
     if threshold is None:
-        for c in classes:
-            ranked = np.argsort(-probabilities[:, c], kind="stable")
-            labels[ranked[labels[ranked] == NO_LABEL][:per_class]] = c
+        taken = np.zeros(probabilities.shape[1], dtype=np.int64)
+        for flat in np.argsort(-probabilities, axis=None, kind="stable"):
+            row, c = divmod(int(flat), probabilities.shape[1])
+            if labels[row] == NO_LABEL and taken[c] < per_class:
+                labels[row], taken[c] = c, taken[c] + 1
+                if taken.min() == per_class:
+                    break
         return labels
     predicted, confidence = probabilities.argmax(1), probabilities.max(1)
     eligible = [np.flatnonzero((predicted == c) & (confidence >= threshold)) for c in classes]

@@ -39,6 +39,7 @@ from adaptflow.config.base import (
 from adaptflow.config.optimization import EvalEvery, Optimization
 from adaptflow.data.corpus import load_texts
 from adaptflow.data.labelled import TaskSplits, load_records
+from adaptflow.errors import ConfigError
 from adaptflow.evaluation.scoring import EVAL_BATCH, score
 from adaptflow.lineage import stage_cache_key, stage_lineage
 from adaptflow.models.checkpoints import (
@@ -102,7 +103,8 @@ class SelfTrainingConfig(Section):
     `rounds` (fractions of the training steps) the whole target pool is labelled again, as many examples for
     every class, so the labels cannot collapse onto the class the model favours: per class, its most confident
     examples (at least `threshold`), up to `per_class` of the pool divided by the number of classes and no more
-    than the least confident class has; with `threshold: null` (top-k), the quota of each class's most likely."""
+    than the class with the fewest such examples has; with `threshold: null` (top-k), the quota of each class's
+    most likely."""
 
     rounds: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.3, 0.6], min_length=1)
     threshold: Probability | None = 0.9
@@ -429,6 +431,11 @@ def _train(config: Config, base: CheckpointRef, labels: list[str], data: _AdaptD
     optimizer = adamw(groups, lr=config.lr)
     engine = make_engine(model, optimizer, runtime, config, micro_batch_size=config.batch_size,
                          deepspeed=env.deepspeed)
+    if mlm_warmup and engine.zero_stage == 3:  # the warm-up holds the tied decoder fixed by a detached copy
+        raise ConfigError("stages.adapt.target_mlm warms up an untrained MLM head with the decoder tied to the "
+                          "encoder's embeddings held fixed, which ZeRO-3's partitioned weights do not allow: use "
+                          "ZeRO-2 (infra/deepspeed/zero2.json), pretrain first (its head is then trained), or set "
+                          "target_mlm.head_warmup_steps: 0")
     source = BatchSampler(data.source_train, config.batch_size, seed,
                           lengths=[len(i["input_ids"]) for i in data.source_train])
     sampler = PairedSampler(source, BatchSampler(data.target_train, config.batch_size, seed + 1,
@@ -485,6 +492,10 @@ def _relabel(model: AdaptationModel, objective: DomainAdaptation, config: Config
                                                                per_class=quota)
         chosen = objective.pseudo_labels != -1
         stats["pseudo_labelled_fraction"] = float(chosen.mean())
+        if not chosen.any():
+            log.warning("self-training: no target example is pseudo-labelled this round (some class has none at "
+                        "confidence ≥ %s, and every class gets as many); lower the threshold or use top-k "
+                        "(threshold: null)", rule.threshold)
         stats |= {f"pseudo_labelled.{data.labels[c]}": float((objective.pseudo_labels == c).sum())
                   for c in range(classes)}
         if data.target_val:

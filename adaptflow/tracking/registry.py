@@ -153,27 +153,30 @@ def promote(client, model_name: str, *, version: str | None = None, force: bool 
                                        f"compare against the new {CHAMPION} (rebuild), or promote by hand")
             if _set_alias(client, model_name, CHAMPION, version):
                 break
-    record |= {"action": "promote", "reason": reason or f"gates {verdict}"}
-    _audit(client, record)
+        # recorded under the lock too: rollback reads the trail in order, so it must be the order of the moves
+        record |= {"previous": current, "action": "promote", "reason": reason or f"gates {verdict}"}
+        _audit(client, record)
     return record
 
 
 def rollback(client, model_name: str, *, reason: str | None = None, user: str | None = None) -> dict:
     """Return `champion` to the version it pointed at before the latest promotion still in effect."""
-    stack: list[str] = []
-    for entry in audit_trail(client, model_name):
-        if entry["action"] == "promote":
-            stack.append(entry["version"])
-        elif entry["action"] == "rollback" and stack:
-            stack.pop()
-    if len(stack) < 2:
-        raise PromotionRefused(f"{model_name}: no earlier {CHAMPION} to return to")
-    current, target = stack[-1], stack[-2]
-    client.set_registered_model_alias(model_name, CHAMPION, target)
-    record = {"model": model_name, "action": "rollback", "version": target, "previous": current, "forced": False,
-              "gates": client.get_model_version(model_name, target).tags.get("adaptflow.gates", "none"),
-              "reason": reason or "rollback", "by": user or getpass.getuser()}
-    _audit(client, record)
+    with _alias_lock(client):  # the trail read, the move and its record: one step against concurrent promotions
+        stack: list[str] = []
+        for entry in audit_trail(client, model_name):
+            if entry["action"] == "promote":
+                stack.append(entry["version"])
+            elif entry["action"] == "rollback" and stack:
+                stack.pop()
+        if len(stack) < 2:
+            raise PromotionRefused(f"{model_name}: no earlier {CHAMPION} to return to")
+        current, target = stack[-1], stack[-2]
+        client.set_registered_model_alias(model_name, CHAMPION, target)
+        record = {"model": model_name, "action": "rollback", "version": target, "previous": current,
+                  "forced": False,
+                  "gates": client.get_model_version(model_name, target).tags.get("adaptflow.gates", "none"),
+                  "reason": reason or "rollback", "by": user or getpass.getuser()}
+        _audit(client, record)
     return record
 
 

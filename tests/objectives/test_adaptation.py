@@ -51,6 +51,9 @@ def test_pseudo_labels_take_only_confident_rows_and_as_many_of_every_class():
     one_sided = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])  # class 1 is never predicted …
     assert class_balanced_pseudo_labels(one_sided, threshold=None, per_class=1).tolist() == \
         [0, NO_LABEL, NO_LABEL, 1]  # … top-k still gives it its most likely row
+    three = np.array([[0.45, 0.5, 0.05], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.6, 0.1]])
+    # row 0 is predicted 1 but ranks second for class 0: it is not class 0's, class 0 takes row 1
+    assert class_balanced_pseudo_labels(three, threshold=None, per_class=1).tolist() == [NO_LABEL, 0, 2, 1]
 
 
 def test_label_shift_weights_move_the_source_prior_to_the_target_one_and_keep_the_mean_weight():

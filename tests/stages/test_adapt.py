@@ -376,3 +376,22 @@ def test_keeping_a_carried_head_of_other_labels_is_refused_before_training(tmp_p
     assert len(problems) == 1 and "carried_head: keep" in problems[0] and "reinitialise" in problems[0]
     tasks["kitchen"] = SimpleNamespace(labels=["negative", "positive"], train=rows)
     assert finetune.check_data(recipe, {}, tasks) == []
+
+
+def test_warming_an_untrained_mlm_head_under_zero3_is_refused_before_a_step(domains, tmp_path, monkeypatch):
+    """ZeRO-3 partitions the embeddings the warming head's decoder is tied to, so holding them fixed by a
+    detached copy cannot work there: a clear error, naming the ways out, before any training step."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from adaptflow.errors import ConfigError
+    from adaptflow.models import checkpoint_digest
+    from adaptflow.refs import CheckpointRef
+
+    AutoModel.from_pretrained(domains["base"].uri).save_pretrained(tmp_path / "encoder")  # no MLM head
+    AutoTokenizer.from_pretrained(domains["base"].uri).save_pretrained(tmp_path / "encoder")
+    bare = CheckpointRef(uri=str(tmp_path / "encoder"), digest=checkpoint_digest(tmp_path / "encoder"), stage="base")
+    monkeypatch.setattr(stage, "make_engine", lambda *a, **k: SimpleNamespace(zero_stage=3))
+    monkeypatch.setattr(stage, "train", lambda *a, **k: pytest.fail("training started"))
+    settings = config(max_steps=8, adversary="none", target_mlm={"head_warmup_steps": 2})
+    with pytest.raises(ConfigError, match=r"ZeRO-2 .*pretrain first.*head_warmup_steps: 0"):
+        stage.run(settings, dataclasses.replace(inputs(domains), base=bare), StageEnv(work_dir=tmp_path, seed=0))
