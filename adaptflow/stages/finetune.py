@@ -159,13 +159,24 @@ def check_data(recipe, corpora: dict, tasks: dict) -> list[str]:
     if recipe.enabled("self_instruct") is None and recipe.enabled("active_learning") is None:
         problems += batch_problems(config.batch_size, "stages.finetune.batch_size",
                                    {f"tasks.{config.task} (finetune)": tasks[config.task].train.rows})
-    adapting = recipe.enabled("adapt")
-    if adapting is not None and config.carried_head == "keep" and \
-            list(tasks[adapting.source_task].labels) != list(tasks[config.task].labels):
-        problems.append(f"stages.finetune.carried_head: keep, but the adapted classifier's head predicts "
-                        f"tasks.{adapting.source_task}'s labels {list(tasks[adapting.source_task].labels)}, not "
-                        f"tasks.{config.task}'s {list(tasks[config.task].labels)}; set carried_head: reinitialise")
+    if config.carried_head == "keep" and (carried := _carried_labels(recipe, tasks)) is not None:
+        source, labels = carried
+        if labels != list(tasks[config.task].labels):
+            problems.append(f"stages.finetune.carried_head: keep, but {source} predicts {labels}, not "
+                            f"tasks.{config.task}'s {list(tasks[config.task].labels)}; set carried_head: reinitialise")
     return problems
+
+
+def _carried_labels(recipe, tasks: dict) -> tuple[str, list[str]] | None:
+    """(what, labels) of the task head fine-tuning's input will carry: the adapted classifier's, or that of a
+    `model.path` classifier no earlier stage replaces; None when the input carries none."""
+    if (adapting := recipe.enabled("adapt")) is not None:
+        return "the adapted classifier's head", list(tasks[adapting.source_task].labels)
+    path = recipe.model.path
+    if path is None or recipe.enabled("pretrain") is not None:  # pretraining hands on a language model
+        return None
+    labels = head_labels(path) if (Path(path) / "config.json").is_file() else None
+    return None if labels is None else ("model.path's classifier head", labels)
 
 
 def cache_key(config: Config, inputs: Inputs, seed: int) -> str:

@@ -376,6 +376,16 @@ def test_keeping_a_carried_head_of_other_labels_is_refused_before_training(tmp_p
     assert len(problems) == 1 and "carried_head: keep" in problems[0] and "reinitialise" in problems[0]
     tasks["kitchen"] = SimpleNamespace(labels=["negative", "positive"], train=rows)
     assert finetune.check_data(recipe, {}, tasks) == []
+    # A classifier given as model.path, with no stage before fine-tuning to replace its head, is checked too.
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
+                                                      "id2label": {"0": "bad", "1": "good"}}))
+    alone = load_recipe(DOMAINS / "sentiment.yaml", ["model.name=null", f"model.path={tmp_path}",
+                                                     "stages.pretrain.enabled=false", "stages.adapt.enabled=false"])
+    problems = finetune.check_data(alone, {}, tasks)
+    assert len(problems) == 1 and "model.path's classifier head predicts ['bad', 'good']" in problems[0]
+    after_pretraining = load_recipe(DOMAINS / "sentiment.yaml", ["model.name=null", f"model.path={tmp_path}",
+                                                                 "stages.adapt.enabled=false"])
+    assert finetune.check_data(after_pretraining, {}, tasks) == []
 
 
 def test_warming_an_untrained_mlm_head_under_zero3_is_refused_before_a_step(domains, tmp_path, monkeypatch):
