@@ -40,14 +40,15 @@ from pathlib import Path
 
 from adaptflow.data.corpus import prepare_corpus
 from adaptflow.data.labelled import prepare_task
-from adaptflow.models import materialize_base_model
+from adaptflow.models import checkpoint_digest, materialize_base_model
 from adaptflow.recipe import load_recipe
+from adaptflow.refs import CheckpointRef
 from adaptflow.stages import StageEnv, adapt, finetune, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ["books:kitchen", "kitchen:books", "books:electronics", "electronics:kitchen"]
 ADAPT_ARMS = ["source_only", "dann", "target_mlm", "self_training", "combination", "guarded"]
-CHAIN_ARMS = ["no_adaptation", "tapt", "adapt", "tapt_adapt", "tapt_adapt_finetune", "finetune_only"]
+CHAIN_ARMS = ["no_adaptation", "tapt", "tapt_adapt", "tapt_adapt_finetune", "finetune_only", "adapt"]
 CHAIN_PAIR = "books:kitchen"
 FULL = {"max_steps": 150, "max_length": 96, "tapt_steps": 300, "finetune_steps": 100, "eval_examples": 400}
 QUICK = {"max_steps": 6, "max_length": 48, "tapt_steps": 6, "finetune_steps": 6, "eval_examples": 60}
@@ -178,10 +179,13 @@ class Benchmark:
                                                                     "max_steps": self.budget["tapt_steps"],
                                                                     "head_warmup_steps": min(40, self.budget[
                                                                         "tapt_steps"] // 2), "eval_every": 0})
-            self.tapt[seed] = pretrain.run(config, pretrain.Inputs(base=self.base, train=target.train,
-                                                                   validation=target.validation),
-                                           StageEnv(work_dir=self.workdir / "stages",
-                                                    cache_dir=self.workdir / "cache", seed=seed)).checkpoint
+            inputs = pretrain.Inputs(base=self.base, train=target.train, validation=target.validation)
+            env = StageEnv(work_dir=self.workdir / "stages", cache_dir=self.workdir / "cache", seed=seed)
+            final = env.stage_dir(pretrain.NAME, pretrain.cache_key(config, inputs, seed)) / "final"
+            if final.is_dir():  # a resumed benchmark reuses what an earlier start pretrained, as a build would
+                self.tapt[seed] = CheckpointRef(uri=str(final), digest=checkpoint_digest(final), stage=pretrain.NAME)
+            else:
+                self.tapt[seed] = pretrain.run(config, inputs, env).checkpoint
         return self.tapt[seed]
 
     def few_shot(self, base, seed: int) -> float:
