@@ -31,6 +31,7 @@ from adaptflow.config.sections import (
     RegistryConfig,
     ScheduleConfig,
     TaskDataConfig,
+    TokensConfig,
     TrackingConfig,
 )
 from adaptflow.errors import RecipeError
@@ -64,6 +65,7 @@ class Recipe(Section):
     data_root: str | None = None
     workdir: str = "adaptflow-runs"
     checkpoint_mirror: str | None = None  # s3://bucket/prefix (or a path): resumable states copied there too
+    tokens: TokensConfig = TokensConfig()
     model: ModelConfig
     corpora: dict[DatasetName, CorpusConfig] = Field(default_factory=dict)
     tasks: dict[DatasetName, TaskDataConfig] = Field(default_factory=dict)

@@ -106,8 +106,9 @@ def exists(uri: str | os.PathLike) -> bool:
         raise _translate(exc, str(uri), "file") from exc
 
 
-def open_input(uri: str | os.PathLike, *, what: str = "file") -> pafs.NativeFile:
-    """Open ``uri`` for sequential binary reading; the caller closes it (use ``with``).
+def open_input(uri: str | os.PathLike, *, what: str = "file", random_access: bool = False) -> pafs.NativeFile:
+    """Open ``uri`` for sequential binary reading (``random_access``: seekable, as parquet's reader needs); the
+    caller closes it (use ``with``).
 
     ``what`` names the file in error messages ("corpus file not found: ..."). Raises ``DataError``
     when the file, key or bucket does not exist (or ``uri`` is a directory), ``StorageUnavailable``
@@ -120,7 +121,7 @@ def open_input(uri: str | os.PathLike, *, what: str = "file") -> pafs.NativeFile
             raise DataError(f"{what} {uri} is a directory; expected a single file")
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(path)
-        return fs.open_input_stream(path)
+        return fs.open_input_file(path) if random_access else fs.open_input_stream(path)
     except OSError as exc:
         raise _translate(exc, str(uri), what) from exc
 
@@ -176,6 +177,46 @@ def write_bytes_atomic(uri: str | os.PathLike, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise DataError(f"cannot write {target}: {exc} (check permissions and free space)") from exc
         raise
+
+
+def put_file(local: str | os.PathLike, uri: str) -> None:
+    """Copy the file `local` to `uri`, which appears whole: renamed into place locally, uploaded in one object on
+    S3 (an object is visible only once its upload completes)."""
+    if not is_s3(uri):
+        target = _local_path(uri)
+        makedirs(target.parent)
+        staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            shutil.copyfile(local, staging)
+            os.replace(staging, target)
+        except OSError as exc:
+            raise DataError(f"cannot write {target}: {exc} (check permissions and free space)") from exc
+        finally:
+            staging.unlink(missing_ok=True)
+        return
+    fs, path = filesystem_for(uri)
+    try:
+        with open(local, "rb") as source, fs.open_output_stream(path) as out:
+            while chunk := source.read(16 << 20):
+                out.write(chunk)
+    except OSError as exc:
+        raise _translate(exc, str(uri), "file") from exc
+
+
+def get_file(uri: str, local: str | os.PathLike, *, what: str = "file") -> None:
+    """Copy the file at `uri` to the local path `local`, which appears whole (written aside, then renamed)."""
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    staging = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+    try:
+        with open_input(uri, what=what) as source, staging.open("wb") as out:
+            while chunk := source.read(16 << 20):
+                out.write(chunk)
+        os.replace(staging, local)
+    except OSError as exc:
+        raise _translate(exc, str(uri), what) from exc
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def upload_directory(local: str | os.PathLike, uri: str, *, last: str | None = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,11 +68,12 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
+    from adaptflow.data.blocks import BlockSampler, pack_texts
     from adaptflow.data.corpus import read_texts
-    from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
+    from adaptflow.data.tokens import TokenStore
     from adaptflow.models import packaged_model_path
     from adaptflow.objectives import build_objective
-    from adaptflow.train import BatchSampler, DeepSpeedEngine, LoopSettings, Runtime, train
+    from adaptflow.train import DeepSpeedEngine, LoopSettings, Runtime, train
 
     runtime = Runtime()
     device = runtime.device()
@@ -89,13 +91,14 @@ def main() -> None:
     flops_per_token = 6 * non_embedding + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * args.seq
 
     texts = read_texts(str(args.corpus), max_rows=300 if args.smoke else None)
-    blocks = pack_blocks(tokenize_corpus(texts, tokenizer, objective="mlm"), args.seq)
+    work = Path(tempfile.mkdtemp(prefix="gpu-throughput-"))
+    blocks = pack_texts(texts, tokenizer, "mlm", args.seq, datasets_dir=work, store=TokenStore(work / "tokens"))
     objective = build_objective("mlm", tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
     engine = DeepSpeedEngine(model, optimizer, runtime, config={"zero_optimization": {"stage": 2}},
                              micro_batch_size=args.micro_batch, grad_accum_steps=1, max_grad_norm=1.0,
                              bf16=device.type == "cuda")
-    sampler = BatchSampler(blocks, args.micro_batch, seed=0)
+    sampler = BlockSampler([(blocks, 1.0)], args.micro_batch, seed=0)
 
     def run(start: int, stop: int) -> float:
         synchronize(device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,18 +29,20 @@ BATCH, BLOCK, SEED = 16, 128, 13
 
 def setup():
     from adaptflow.config import ModelConfig
-    from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
+    from adaptflow.data.blocks import BlockSampler, pack_texts
+    from adaptflow.data.tokens import TokenStore
     from adaptflow.models import load_model, materialize_base_model
     from adaptflow.objectives import build_objective
-    from adaptflow.train import BatchSampler, adamw
+    from adaptflow.train import adamw
 
     base = materialize_base_model(ModelConfig(name="minilm"), out_dir=Path("/tmp"), tokenizer_texts=None, seed=SEED)
     model, tokenizer = load_model(base, "mlm", seed=SEED)
     objective = build_objective("mlm", tokenizer, mlm_probability=0.15, whole_word_masking=False)
     docs = [line.strip() for line in ABSTRACTS.read_text().splitlines() if line.strip()]
-    blocks = pack_blocks(tokenize_corpus(docs, tokenizer, objective="mlm"), BLOCK)
+    work = Path(tempfile.mkdtemp(prefix="step-profile-"))
+    blocks = pack_texts(docs, tokenizer, "mlm", BLOCK, datasets_dir=work, store=TokenStore(work / "tokens"))
     optimizer = adamw([{"params": [p for p in model.parameters()], "weight_decay": 0.01}], lr=5e-5)
-    return model, objective, BatchSampler(blocks, BATCH, SEED), optimizer
+    return model, objective, BlockSampler([(blocks, 1.0)], BATCH, SEED), optimizer
 
 
 def timed_steps(model, objective, sampler, optimizer, steps: int, first: int = 0) -> dict[str, list[float]]:

@@ -211,15 +211,15 @@ def _bare_loop(model, batches: list[dict], steps: int, warmup: int, loss_fn=None
 def arm_pretrain_bare(steps: int, warmup: int, work: Path) -> dict:
     import torch
 
-    from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
+    from adaptflow.data.blocks import BlockSampler, pack_texts
+    from adaptflow.data.tokens import TokenStore
     from adaptflow.models import load_model
     from adaptflow.objectives import build_objective
-    from adaptflow.train import BatchSampler
 
     model, tokenizer = load_model(_base(), "mlm", seed=SEED)
     objective = build_objective("mlm", tokenizer, mlm_probability=0.15, whole_word_masking=False)
-    blocks = pack_blocks(tokenize_corpus(_documents(10_000), tokenizer, objective="mlm"), BLOCK)
-    sampler = BatchSampler(blocks, BATCH, SEED)
+    blocks = pack_texts(_documents(10_000), tokenizer, "mlm", BLOCK, datasets_dir=work, store=TokenStore(work / "tokens"))
+    sampler = BlockSampler([(blocks, 1.0)], BATCH, SEED)
     batches = [objective.collate(sampler(i), torch.Generator().manual_seed(i)) for i in range(warmup + steps)]
     # The same loss computation as the stage (the vocabulary projection of the masked positions only): this arm
     # measures what adaptflow's loop machinery costs, not what its objective saves.

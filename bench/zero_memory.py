@@ -67,18 +67,20 @@ def optimizer_tensors(optimizer):
 def worker(out: Path, zero: int | None, steps: int) -> None:
     sys.path.insert(0, str(ROOT))
     from adaptflow.config import ModelConfig
+    from adaptflow.data.blocks import BlockSampler, pack_texts
     from adaptflow.data.corpus import read_texts
-    from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
+    from adaptflow.data.tokens import TokenStore
     from adaptflow.models import load_model, materialize_base_model
     from adaptflow.objectives import build_objective
-    from adaptflow.train import BatchSampler, DeepSpeedEngine, LoopSettings, Runtime, TorchEngine, train
+    from adaptflow.train import DeepSpeedEngine, LoopSettings, Runtime, TorchEngine, train
 
     runtime = Runtime.from_env()
     out.mkdir(parents=True, exist_ok=True)
     base = materialize_base_model(ModelConfig(name="minilm"), out_dir=out / "models", tokenizer_texts=None, seed=0)
     model, tokenizer = load_model(base, "mlm", seed=0)
     objective = build_objective("mlm", tokenizer)
-    blocks = pack_blocks(tokenize_corpus(read_texts(str(ABSTRACTS), max_rows=2000), tokenizer, objective="mlm"), BLOCK)
+    blocks = pack_texts(read_texts(str(ABSTRACTS), max_rows=2000), tokenizer, "mlm", BLOCK, datasets_dir=out / "data",
+                        store=TokenStore(out / f"tokens-{runtime.rank}"))
     micro, accum = GLOBAL_BATCH // 2, 2 // runtime.world_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if zero is None:
@@ -86,7 +88,7 @@ def worker(out: Path, zero: int | None, steps: int) -> None:
     else:
         engine = DeepSpeedEngine(model, optimizer, runtime, config={"zero_optimization": {"stage": zero}},
                                  micro_batch_size=micro, grad_accum_steps=accum, max_grad_norm=1.0, bf16=False)
-    sampler = BatchSampler(blocks, micro, seed=0)
+    sampler = BlockSampler([(blocks, 1.0)], micro, seed=0)
 
     def run(start: int, stop: int) -> float:
         runtime.barrier()

@@ -26,6 +26,7 @@ from adaptflow.tasks.prepare import prepare_data, prepare_model
 from adaptflow.tasks.pretrain import pretrain
 from adaptflow.tasks.register import register
 from adaptflow.tasks.self_instruct import self_instruct
+from adaptflow.tasks.tokens import tokenize
 from adaptflow.tracking.runs import build_summary
 
 
@@ -63,6 +64,7 @@ def build(
         if "curate" in stages:
             data = curate(ctx, data)
         base = prepare_model(ctx, data)
+        tokenize(ctx, base, data)  # the corpora read as blocks, into the token store (once across builds)
         language_model = pretrain(ctx, base, data) if "pretrain" in stages else base
         adaptation = adapt(ctx, language_model, data) if "adapt" in stages else None
         model = adaptation.checkpoint if adaptation else language_model

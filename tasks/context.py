@@ -32,8 +32,9 @@ class BuildContext:
         return Path(self.recipe.workdir).resolve()
 
     @property
-    def cache_dir(self) -> Path:
-        return self.workdir / "cache" / "tokens"
+    def cache_dir(self) -> str:
+        """The token store (`tokens.store`, or `<workdir>/cache/tokens`)."""
+        return self.recipe.tokens.store or str(self.workdir / "cache" / "tokens")
 
     @property
     def datasets_dir(self) -> Path:

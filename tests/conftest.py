@@ -76,3 +76,14 @@ def tiny_bert(abstracts):
 @pytest.fixture(scope="session")
 def tiny_gpt2(abstracts):
     return build_tiny("gpt2", abstracts)
+
+
+def pack_texts(texts: list[str], tokenizer, objective: str, block_size: int, folder, *, isolate: bool = False,
+               shard_bytes: int | None = None):
+    """`texts` as PackedBlocks through the production path: a written split, the token store under `folder`."""
+    from adaptflow.data import blocks
+    from adaptflow.data.tokens import SHARD_TEXT_BYTES, TokenStore
+
+    store = TokenStore(Path(folder) / "tokens", shard_bytes=shard_bytes or SHARD_TEXT_BYTES)
+    return blocks.pack_texts(texts, tokenizer, objective, block_size, datasets_dir=Path(folder) / "datasets",
+                             store=store, isolate_documents=isolate)

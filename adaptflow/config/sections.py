@@ -146,6 +146,20 @@ class DistributedConfig(Section):
         return self.nnodes * self.nproc_per_node
 
 
+class TokensConfig(Section):
+    """Where tokenised corpora live and what tokenises them. `store`: a folder or an s3:// prefix (default:
+    `<workdir>/cache/tokens`), shared by every build that points at it. Shards are tokenised as mapped Prefect
+    tasks: `runner: threads` (this machine; each shard also spreads over the cores inside the tokenizer) or
+    `dask` — a local Dask cluster of `workers` processes, or the scheduler at `address` (`tcp://host:8786`),
+    whose workers may be other machines that see the same `store`. `shard_mb`: text per shard."""
+
+    store: str | None = None
+    shard_mb: Annotated[int, Field(ge=1, le=1024)] = 128
+    runner: Literal["threads", "dask"] = "threads"
+    workers: PositiveInt = 2
+    address: str | None = None
+
+
 class TrackingConfig(Section):
     """MLflow. Default: SQLite + a local artifact folder under the recipe's workdir."""
 

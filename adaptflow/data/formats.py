@@ -28,6 +28,7 @@ _SUFFIX_FORMATS = {
     ".pq": "parquet",
 }
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a dataset name: it becomes a directory name
+ROW_GROUP_BYTES = 1 << 20  # of a written split: what the token store shards by and readers stream
 
 
 def resolve_format(uri: str, format: str) -> str:
@@ -201,7 +202,8 @@ def write_split_table(table: pa.Table, digest: str, *, name: str, split: str, ou
     uri = storage.join(out_dir, f"{name}-{digest}", f"{split}.parquet")
     if not storage.exists(uri):
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
+        rows = max(1, int(ROW_GROUP_BYTES * table.num_rows / max(table.nbytes, 1)))
+        pq.write_table(table, sink, row_group_size=rows)
         storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
     return DatasetRef(uri=uri, digest=digest, rows=table.num_rows, name=f"{name}/{split}")
 

@@ -12,11 +12,12 @@ import math
 
 import torch
 
-from adaptflow.data.corpus import load_texts
-from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
+from adaptflow.data.blocks import PackedBatch, PackedBlocks, Packing
+from adaptflow.data.tokens import TokenStore
 from adaptflow.errors import DataError
 from adaptflow.models.checkpoints import load_model
 from adaptflow.objectives import build_objective
+from adaptflow.train.loop import to_device
 from adaptflow.train.runtime import SINGLE
 
 EVAL_SEED = 1234
@@ -26,7 +27,7 @@ EVAL_SEED = 1234
 def perplexity(
     model: torch.nn.Module,
     objective,
-    blocks: torch.Tensor,
+    blocks: PackedBatch,
     *,
     batch_size: int,
     device: torch.device,
@@ -45,20 +46,20 @@ def perplexity(
     for start in range(0, len(blocks), batch_size):
         batch = objective.collate(blocks[start : start + batch_size], generator)
         targets += batch["n_targets"]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast:
             total += objective.loss(model, batch).double()
     if targets == 0:
         raise ValueError("no evaluation targets: the evaluation corpus is too small for one block")
     loss = total.item() / targets
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(blocks.numel())}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(blocks.input_ids.numel())}
 
 
 @torch.no_grad()
 def pseudo_perplexity(
     model: torch.nn.Module,
     objective,
-    blocks: torch.Tensor,
+    blocks: PackedBatch,
     *,
     special_ids: set[int],
     mask_id: int,
@@ -72,7 +73,8 @@ def pseudo_perplexity(
     at a time; only the masked positions go through the vocabulary projection (the objective's loss).
     """
     model.eval()
-    scorable = ~torch.isin(blocks, torch.tensor(sorted(special_ids), dtype=blocks.dtype))
+    ids, documents = blocks.input_ids, blocks.documents
+    scorable = ~torch.isin(ids, torch.tensor(sorted(special_ids), dtype=ids.dtype))
     where = scorable.nonzero()[:max_tokens]
     if len(where) == 0:
         raise ValueError("no tokens to score: the evaluation blocks hold only special tokens")
@@ -80,12 +82,14 @@ def pseudo_perplexity(
     for start in range(0, len(where), batch_size):
         chunk = where[start : start + batch_size]
         rows = torch.arange(len(chunk))
-        input_ids = blocks[chunk[:, 0]].clone()
+        input_ids = ids[chunk[:, 0]].clone()
         labels = torch.full_like(input_ids, -100)
         labels[rows, chunk[:, 1]] = input_ids[rows, chunk[:, 1]]
         input_ids[rows, chunk[:, 1]] = mask_id
-        batch = {"input_ids": input_ids.to(device), "labels": labels.to(device)}
-        total += objective.loss(model, batch).double()
+        batch = {"input_ids": input_ids, "labels": labels}
+        if documents is not None:
+            batch["documents"] = documents[chunk[:, 0]]
+        total += objective.loss(model, to_device(batch, device)).double()
     loss = total.item() / len(where)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(len(where))}
 
@@ -99,29 +103,31 @@ def compare_perplexity(
     block_size: int,
     max_blocks: int,
     batch_size: int,
+    store: TokenStore,
+    packing: Packing | None = None,
     pseudo_tokens: int = 1024,
-    cache_dir=None,
     seed: int = 0,
 ) -> dict[str, float]:
     """Perplexity of `base` and `candidate` (CheckpointRefs) on the same held-out blocks of each corpus:
-    pseudo-perplexity over `pseudo_tokens` tokens for masked LMs, perplexity for causal LMs.
+    pseudo-perplexity over `pseudo_tokens` tokens for masked LMs, perplexity for causal LMs. Blocks come from the
+    token `store`, with documents isolated as `packing` says (pretraining's setting, so both are measured as the
+    model was trained).
 
     `corpora` maps a name to the DatasetRef to evaluate on. Returns `<name>_perplexity_before`,
     `<name>_perplexity_after` and `<name>_perplexity_change_pct` (negative = the candidate is better).
     """
     device = SINGLE.device()
     metrics: dict[str, float] = {}
-    blocks: dict[str, torch.Tensor] = {}
+    blocks: dict[str, PackedBatch] = {}
     for when, ref in (("before", base), ("after", candidate)):
         model, tokenizer = load_model(ref, objective, seed=seed)
         model.to(device)
         obj = build_objective(objective, tokenizer)
         for name, data in corpora.items():
             if name not in blocks:
-                corpus = tokenize_corpus(
-                    load_texts(data), tokenizer, objective=objective, cache_dir=cache_dir, dataset_digest=data.digest
-                )
-                blocks[name] = pack_blocks(corpus, block_size)[:max_blocks]
+                packed = PackedBlocks(store.build(data, tokenizer, objective), block_size,
+                                      isolate_documents=(packing or Packing()).isolates(objective))
+                blocks[name] = packed.head(max_blocks)
                 if len(blocks[name]) == 0:
                     raise DataError(
                         f"evaluation corpus {name!r} ({data.uri}) has fewer than {block_size} tokens: "

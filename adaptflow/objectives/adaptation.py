@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptflow.data.blocks import PackedBatch
 from adaptflow.kinds.classification import SequenceClassification
 from adaptflow.objectives.mlm import IGNORE, split_mlm_head
 from adaptflow.objectives.padding import model_inputs, pad_batch
@@ -219,7 +220,7 @@ class DomainAdaptation:
         batch["has_pseudo"] = bool((batch["target_pseudo"] != NO_LABEL).any())
         batch["has_mlm"] = False
         if self.masker is not None and self.mlm_weight:
-            masked = self.masker.collate(batch["target"]["input_ids"], generator)
+            masked = self.masker.collate(PackedBatch(batch["target"]["input_ids"]), generator)
             batch["target_mlm"] = {"input_ids": masked["input_ids"], "labels": masked["labels"],
                                    "attention_mask": batch["target"]["attention_mask"]}
             batch["has_mlm"] = bool((masked["labels"] != IGNORE).any())

@@ -1,11 +1,14 @@
-"""Masked language modelling with dynamic masking (a fresh mask every time a block is seen)."""
+"""Masked language modelling with dynamic masking (a fresh mask every time a block is seen), over packed blocks
+whose documents attend to each other or, isolated, only to themselves."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from adaptflow.data.blocks import PackedBatch
 from adaptflow.errors import ConfigError
+from adaptflow.objectives.packing import lm_inputs
 
 IGNORE = -100
 
@@ -32,8 +35,8 @@ class MaskedLM:
                 "this tokenizer has none — set stages.pretrain.whole_word_masking: false"
             )
 
-    def collate(self, blocks: torch.Tensor, generator: torch.Generator) -> dict:
-        ids = blocks.clone()
+    def collate(self, blocks: PackedBatch, generator: torch.Generator) -> dict:
+        ids = blocks.input_ids.clone()
         special = self.special[ids]
         draw = torch.rand(ids.shape, generator=generator)
         if self.whole_word:
@@ -48,18 +51,21 @@ class MaskedLM:
         ids[targets & (action < 0.8)] = self.mask_id
         random_pos = targets & (action >= 0.8) & (action < 0.9)
         ids[random_pos] = torch.randint(self.vocab_size, ids.shape, generator=generator)[random_pos]
-        return {"input_ids": ids, "labels": labels, "n_targets": int(targets.sum())}
+        batch = {"input_ids": ids, "labels": labels, "n_targets": int(targets.sum())}
+        if blocks.documents is not None:
+            batch["documents"] = blocks.documents
+        return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         labels = batch["labels"]
         targets = labels != IGNORE
         body, head = split_mlm_head(model)
         if head is None:
-            logits = model(input_ids=batch["input_ids"]).logits[targets]
+            logits = model(**lm_inputs(model, batch, causal=False)).logits[targets]
         else:
             # Project only the ~15% target positions onto the vocabulary: the vocabulary projection
             # costs about as much as the whole encoder per token, so this nearly halves the step.
-            hidden = body(input_ids=batch["input_ids"]).last_hidden_state
+            hidden = body(**lm_inputs(body, batch, causal=False)).last_hidden_state
             logits = head(hidden[targets])
         return F.cross_entropy(logits, labels[targets], reduction="sum")
 

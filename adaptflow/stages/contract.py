@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from adaptflow.data.tokens import TokenStore
 from adaptflow.refs import Record
 from adaptflow.train.loop import MetricsSink
 from adaptflow.train.runtime import SINGLE, Runtime
@@ -70,6 +71,12 @@ class StageEnv(Record):
 
     def stage_dir(self, name: str, key: str) -> Path:
         return Path(self.work_dir) / f"{name}-{key}"
+
+    @property
+    def token_store(self) -> TokenStore:
+        """Tokenised corpora: under `cache_dir` (a folder or an s3:// prefix), else `work_dir/tokens`."""
+        root = self.cache_dir if self.cache_dir is not None else Path(self.work_dir) / "tokens"
+        return TokenStore(root, cache_dir=Path(self.work_dir) / "shard-cache")
 
     @property
     def datasets_dir(self) -> Path:

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from adaptflow import kinds
 from adaptflow.config.base import CorpusName, PositiveInt, Reference, Section
+from adaptflow.data.blocks import Packing
 from adaptflow.data.labelled import TaskSplits
 from adaptflow.errors import DataError
 from adaptflow.evaluation.gates import GatesConfig, check_gates
@@ -68,6 +69,7 @@ class Inputs(Record):
     language_model: CheckpointRef  # the build's language model (pretraining's output, else the base): "after"
     corpora: dict[str, DatasetRef] = field(default_factory=dict, metadata={"context": "eval"})  # held-out text
     lm_objective: str | None = None  # mlm | clm; default: inferred from the base model
+    isolate_documents: bool | None = None  # pretraining's packing setting (null: the objective's default)
     task_name: str | None = None  # the fine-tuned task
     task: TaskSplits | None = None
     finetuned: tuple[finetune.Result, ...] = ()  # every seed's model, test-scored by the fine-tuning stage
@@ -100,7 +102,7 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> EvalReport:
     metrics = compare_perplexity(
         inputs.base, inputs.language_model, inputs.corpora, objective=objective, block_size=config.block_size,
         max_blocks=config.max_blocks, batch_size=config.batch_size, pseudo_tokens=config.pseudo_perplexity_tokens,
-        cache_dir=env.cache_dir, seed=env.seed,
+        store=env.token_store, packing=Packing(isolate_documents=inputs.isolate_documents), seed=env.seed,
     ) if inputs.corpora else {}
     notes: dict[str, str] = {}
     task = inputs.task

@@ -24,9 +24,8 @@ from pydantic import Field, field_validator, model_validator
 from adaptflow import kinds
 from adaptflow.config.base import PositiveFloat, PositiveInt, Reference, Section, TaskName, one_of
 from adaptflow.config.optimization import EvalEvery, Optimization
-from adaptflow.data.corpus import load_texts
+from adaptflow.data.blocks import PackedBlocks, Packing, pack_texts
 from adaptflow.data.labelled import TaskSplits, load_records
-from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
 from adaptflow.errors import ConfigError, DataError
 from adaptflow.evaluation.scoring import aggregate, score
 from adaptflow.kinds.sft import DEFAULT_PROMPT_TEMPLATE
@@ -238,10 +237,11 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
         total_steps=max_steps, new_parameters=new_parameters), seed=seed)
     model = strategy.model
     model.to(device)
-    fisher_texts = None
-    if config.regularizer is not None and config.regularizer.type == "ewc":
-        fisher_texts = load_texts(inputs.fisher) if inputs.fisher is not None else [kind.text(r) for r in train_records]
-    regularizer = _regularizer(config, model, pretrained_names, base, fisher_texts, device, seed)
+    fisher_text = None
+    if config.regularizer is not None and config.regularizer.type == "ewc":  # a corpus, or the task's own text
+        fisher_text = inputs.fisher or [kind.text(r) for r in train_records]
+    regularizer = _regularizer(config, model, pretrained_names, base, fisher_text, env.token_store, env.datasets_dir,
+                               device, seed)
 
     if config.layerwise_lr_decay:
         groups = layerwise_lr_groups(model, config.lr, config.layerwise_lr_decay, config.head_lr, config.weight_decay)
@@ -353,7 +353,7 @@ def _save_final(model, tokenizer, stage_dir: Path, lineage: dict, *, is_peft: bo
     return digest
 
 
-def _regularizer(config, model, pretrained_names, base, fisher_texts, device, seed):
+def _regularizer(config, model, pretrained_names, base, fisher_text, store, datasets_dir, device, seed):
     reg = config.regularizer
     if reg is None:
         return None
@@ -365,12 +365,12 @@ def _regularizer(config, model, pretrained_names, base, fisher_texts, device, se
         )
     importance = None
     if reg.type == "ewc":
-        importance = _fisher_for(params, base, fisher_texts, device, seed, reg.fisher_batches)
+        importance = _fisher_for(params, base, fisher_text, store, datasets_dir, device, seed, reg.fisher_batches)
     log.info("%s regulariser on %d pretrained tensors, strength %g", reg.type, len(params), reg.strength)
     return AnchorPenalty(params, reg.strength, importance)
 
 
-def _fisher_for(params, base, texts, device, seed, n_batches):
+def _fisher_for(params, base, text: DatasetRef | list[str], store, datasets_dir, device, seed, n_batches):
     """Diagonal Fisher of the starting checkpoint's own LM loss, mapped onto the task model's parameter names."""
     objective_name = infer_objective(base.uri)
     # The language model's own head: the chain's last trained one (an adapted classifier has none of its own).
@@ -380,7 +380,13 @@ def _fisher_for(params, base, texts, device, seed, n_batches):
     config = lm_model.config
     block = min(FISHER_BLOCK, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                 or FISHER_BLOCK)
-    blocks = pack_blocks(tokenize_corpus(texts, lm_tokenizer, objective=objective_name), block)
+    if isinstance(text, DatasetRef):
+        packed = PackedBlocks(store.build(text, lm_tokenizer, objective_name), block,
+                              isolate_documents=Packing().isolates(objective_name))
+    else:
+        packed = pack_texts(text, lm_tokenizer, objective_name, block, datasets_dir=datasets_dir, store=store,
+                            name="fisher-text")
+    blocks = packed.head(8 * n_batches)
     if len(blocks) == 0:
         raise DataError(f"EWC: the Fisher text (regularizer.fisher_corpus) is shorter than one {block}-token block")
     g = torch.Generator().manual_seed(seed)

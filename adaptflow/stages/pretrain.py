@@ -2,8 +2,10 @@
 
     pretrain.run(Config(...), Inputs(base=..., train=..., validation=..., replay=...), env) -> Result
 
-Documents are packed into full blocks (no padding), optionally mixed with general text ("replay") against
-forgetting. A head that starts untrained (the packaged MiniLM has no MLM head) can damage the encoder before
+Documents are read from the token store (tokenised once, memory-mapped: `adaptflow.data.tokens`) and packed into
+full blocks (no padding) that keep their document boundaries (`packing.isolate_documents`: attention stays inside
+each document); general text ("replay") against forgetting is a second stream interleaved at its ratio
+(`adaptflow.data.blocks`). A head that starts untrained (the packaged MiniLM has no MLM head) can damage the encoder before
 it learns anything, so `head_warmup_steps` trains the head alone on a frozen encoder first, at `head_lr`.
 A run interrupted after a periodic save (`save_every`) resumes from it when run again with the same inputs
 (same cache key), replaying exactly the steps an uninterrupted run would have taken; with a checkpoint mirror
@@ -24,8 +26,8 @@ from pydantic import Field, model_validator
 from adaptflow import storage
 from adaptflow.config.base import CorpusName, NonNegativeInt, PositiveInt, Probability, Section
 from adaptflow.config.optimization import EvalEvery, Optimization
-from adaptflow.data.corpus import load_texts
-from adaptflow.data.tokenize import mix_replay, pack_blocks, tokenize_corpus
+from adaptflow.data.blocks import BlockSampler, PackedBlocks, Packing
+from adaptflow.data.tokens import store_key
 from adaptflow.errors import ConfigError
 from adaptflow.evaluation.perplexity import perplexity
 from adaptflow.lineage import stage_cache_key, stage_lineage
@@ -34,7 +36,7 @@ from adaptflow.objectives import build_objective
 from adaptflow.objectives.mlm import split_mlm_head
 from adaptflow.refs import CheckpointRef, DatasetRef, Record
 from adaptflow.stages.contract import Contribution, StageEnv
-from adaptflow.train import BatchSampler, adamw, loop_settings, make_engine, param_groups, train
+from adaptflow.train import adamw, loop_settings, make_engine, param_groups, train
 from adaptflow.train.checkpointing import fetch_state, latest_training_state, mirror_state, state_dir
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class Config(Optimization):
     eval_every: EvalEvery = 50
     eval_max_blocks: PositiveInt = 64
     replay: ReplayConfig | None = None
+    packing: Packing = Packing()
 
     @model_validator(mode="after")
     def _head_warmup_fits(self) -> Config:
@@ -120,28 +123,33 @@ def run(config: Config, inputs: Inputs, env: StageEnv) -> Result:
             f"max_position_embeddings ({max_positions}); lower block_size"
         )
 
-    def blocks_of(ref: DatasetRef) -> torch.Tensor:
-        corpus = tokenize_corpus(
-            load_texts(ref), tokenizer, objective=objective_name, cache_dir=env.cache_dir, dataset_digest=ref.digest
-        )
-        return pack_blocks(corpus, config.block_size)
+    isolate = config.packing.isolates(objective_name)
+    store = env.token_store
 
-    domain_blocks = blocks_of(inputs.train)
-    blocks = domain_blocks
-    if inputs.replay is not None and config.replay is not None:
-        blocks = mix_replay(domain_blocks, blocks_of(inputs.replay), config.replay.ratio, seed=seed)
+    def blocks_of(ref: DatasetRef) -> PackedBlocks:
+        if runtime.is_main:  # a build has tokenised it already (mapped tasks); a direct call does it here
+            store.build(ref, tokenizer, objective_name)
+        runtime.barrier()
+        corpus = store.open(store_key(ref.digest, tokenizer, objective_name))
+        return PackedBlocks(corpus, config.block_size, isolate_documents=isolate)
+
+    domain = blocks_of(inputs.train)
+    streams = [(domain, 1.0)]
+    if inputs.replay is not None and config.replay is not None and config.replay.ratio > 0:
+        streams = [(domain, 1 - config.replay.ratio), (blocks_of(inputs.replay), config.replay.ratio)]
     validation = inputs.validation if inputs.validation is not None and inputs.validation.rows else None
-    eval_blocks = blocks_of(validation)[: config.eval_max_blocks] if validation is not None else None
+    eval_blocks = blocks_of(validation).head(config.eval_max_blocks) if validation is not None else None
     if eval_blocks is not None and len(eval_blocks) == 0:
         log.warning("validation split of %s is shorter than one block: no held-out evaluation", inputs.train.name)
         eval_blocks = None
-    sampler = BatchSampler(blocks, config.batch_size, seed)
+    sampler = BlockSampler(streams, config.batch_size, seed)
     env.metrics(0, {
-        "domain_blocks": len(domain_blocks),
-        "replay_blocks": len(blocks) - len(domain_blocks),
+        "domain_blocks": len(domain),
+        "replay_blocks": len(streams[1][0]) if len(streams) > 1 else 0,
         "eval_blocks": 0 if eval_blocks is None else len(eval_blocks),
-        "train_tokens": blocks.numel(),
-        "epochs": config.max_steps * config.grad_accum_steps / sampler.per_epoch,
+        "train_tokens": sum(blocks.tokens for blocks, _ in streams),
+        "epochs": config.max_steps * config.grad_accum_steps * runtime.world_size / sampler.per_epoch,
+        "isolate_documents": float(isolate),
     })
 
     device = runtime.device()

@@ -76,12 +76,12 @@ class LoopResult:
 
 
 class BatchSampler:
-    """Micro-batch `i` = a fixed slice of a per-epoch seeded order of the items (last partial batch dropped).
+    """Micro-batch `i` = a fixed slice of a per-epoch seeded order of the examples (last partial batch dropped).
+    (Packed language-modelling blocks have their own streamed sampler: `adaptflow.data.blocks.BlockSampler`.)
 
-    Items are a tensor of packed blocks or a list of examples. With `lengths`, batches group examples of
-    similar length (sorted within windows of 50 batches, then the batches shuffled), so dynamic padding
-    wastes little. With `weights`, each epoch draws items with replacement in proportion to them (e.g.
-    inverse class frequency).
+    With `lengths`, batches group examples of similar length (sorted within windows of 50 batches, then the
+    batches shuffled), so dynamic padding wastes little. With `weights`, each epoch draws examples with
+    replacement in proportion to them (e.g. inverse class frequency).
     """
 
     def __init__(self, items, batch_size: int, seed: int, *, lengths=None, weights: torch.Tensor | None = None):
@@ -117,8 +117,6 @@ class BatchSampler:
         if epoch != self._epoch:
             self._epoch, self._order = epoch, self._epoch_order(epoch)
         picked = self._order[pos * self.batch_size : (pos + 1) * self.batch_size]
-        if torch.is_tensor(self.items):
-            return self.items[picked]
         return [self.items[i] for i in picked.tolist()]
 
 

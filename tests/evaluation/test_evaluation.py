@@ -10,14 +10,13 @@ import torch
 from adaptflow.config import TaskDataConfig
 from adaptflow.data.labelled import prepare_task, read_conll, read_records
 from adaptflow.data.perturb import KINDS, perturb_records
-from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
 from adaptflow.errors import DataError
 from adaptflow.evaluation.perplexity import pseudo_perplexity
 from adaptflow.evaluation.suite import RobustnessConfig, task_suite
 from adaptflow.objectives import build_objective
 from adaptflow.recipe import load_recipe
 from adaptflow.stages import StageEnv, finetune
-from tests.conftest import DATA_ROOT, DOMAINS
+from tests.conftest import DATA_ROOT, DOMAINS, pack_texts
 
 CHEMPROT = DATA_ROOT / "biomedical/chemprot/test.jsonl"
 NCBI = DATA_ROOT / "biomedical/ncbi_disease_ner/test.txt"
@@ -57,13 +56,14 @@ def test_ner_perturbations_keep_one_tag_per_token_in_valid_iob2(kind):
             assert not tag.startswith("I-") or previous[2:] == tag[2:], record
 
 
-def test_pseudo_perplexity_matches_a_hand_computed_value(tiny_bert, abstracts):
+def test_pseudo_perplexity_matches_a_hand_computed_value(tiny_bert, abstracts, tmp_path):
     """Each scored token masked alone, predicted over the full vocabulary: exp(mean −log p), by hand."""
     model, tokenizer = tiny_bert
     model.eval()
-    blocks = pack_blocks(tokenize_corpus(abstracts[:20], tokenizer, objective="mlm"), 16)[:3]
+    packed = pack_texts(abstracts[:20], tokenizer, "mlm", 16, tmp_path).head(3)
+    blocks = packed.input_ids
     special = set(tokenizer.all_special_ids)
-    result = pseudo_perplexity(model, build_objective("mlm", tokenizer), blocks, special_ids=special,
+    result = pseudo_perplexity(model, build_objective("mlm", tokenizer), packed, special_ids=special,
                                mask_id=tokenizer.mask_token_id, max_tokens=30, batch_size=7,
                                device=torch.device("cpu"))
     scored = [(b, p) for b in range(len(blocks)) for p in range(blocks.shape[1])

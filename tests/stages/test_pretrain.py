@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from adaptflow.config import ModelConfig, TinyModelConfig
+from adaptflow.data.blocks import BlockSampler
 from adaptflow.data.corpus import load_texts, prepare_corpus
-from adaptflow.data.tokenize import pack_blocks, tokenize_corpus
 from adaptflow.models import checkpoint_digest, materialize_base_model
 from adaptflow.objectives import build_objective
 from adaptflow.refs import CheckpointRef
@@ -21,8 +21,8 @@ from adaptflow.stages import StageEnv
 from adaptflow.stages import pretrain as stage
 from adaptflow.stages.pretrain import Config as PretrainConfig
 from adaptflow.stages.pretrain import _optimizer_and_freezing
-from adaptflow.train import BatchSampler, LoopSettings, train
-from tests.conftest import DATA_ROOT
+from adaptflow.train import LoopSettings, train
+from tests.conftest import DATA_ROOT, pack_texts
 
 ABSTRACTS = str(DATA_ROOT / "biomedical/unlabelled_ncbi_abstracts/abstracts.txt")
 
@@ -136,13 +136,13 @@ def test_a_stage_whose_machine_was_lost_resumes_from_its_s3_mirror(tmp_path, cor
     assert {k.split("/")[2] for k in mirrored()} == {"step-0000010"}, "older saves are pruned on the mirror"
 
 
-def test_head_warmup_trains_the_head_alone_first(abstracts, tiny_bert):
+def test_head_warmup_trains_the_head_alone_first(abstracts, tiny_bert, tmp_path):
     model, tokenizer = copy.deepcopy(tiny_bert[0]), tiny_bert[1]
     config = PretrainConfig(block_size=32, batch_size=4, max_steps=20, head_warmup_steps=3, lr=1e-3, head_lr=1e-2)
     optimizer, freeze = _optimizer_and_freezing(model, config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    blocks = pack_blocks(tokenize_corpus(abstracts, tokenizer, objective="mlm"), 32)
-    train(model, build_objective("mlm", tokenizer), BatchSampler(blocks, 4, 0), optimizer,
+    blocks = pack_texts(abstracts, tokenizer, "mlm", 32, tmp_path)
+    train(model, build_objective("mlm", tokenizer), BlockSampler([(blocks, 1.0)], 4, 0), optimizer,
           LoopSettings(max_steps=3, log_every=1), device=torch.device("cpu"), step_hooks=[freeze])
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

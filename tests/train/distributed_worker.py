@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,13 +22,13 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from adaptflow.data.blocks import BlockSampler  # noqa: E402
 from adaptflow.data.corpus import read_texts  # noqa: E402
-from adaptflow.data.tokenize import pack_blocks, tokenize_corpus  # noqa: E402
 from adaptflow.models import save_checkpoint  # noqa: E402
 from adaptflow.objectives import build_objective  # noqa: E402
-from adaptflow.train import BatchSampler, DeepSpeedEngine, LoopSettings, Runtime, TorchEngine, train  # noqa: E402
+from adaptflow.train import DeepSpeedEngine, LoopSettings, Runtime, TorchEngine, train  # noqa: E402
 from adaptflow.train.checkpointing import latest_training_state  # noqa: E402
-from tests.conftest import DATA_ROOT, build_tiny  # noqa: E402
+from tests.conftest import DATA_ROOT, build_tiny, pack_texts  # noqa: E402
 
 MICRO_BATCH = 4
 
@@ -53,7 +54,7 @@ def main() -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     initial = {name: p.detach().clone() for name, p in model.state_dict().items()}
-    blocks = pack_blocks(tokenize_corpus(texts, tokenizer, objective="clm"), 32)
+    blocks = pack_texts(texts, tokenizer, "clm", 32, tempfile.mkdtemp(prefix="adaptflow-worker-"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     settings = LoopSettings(max_steps=args.steps, grad_accum_steps=args.accum, max_grad_norm=0.5, log_every=1,
                             save_every=2 if args.states else 0)
@@ -73,7 +74,7 @@ def main() -> None:
 
     losses = []
     try:
-        train(model, build_objective("clm", tokenizer), BatchSampler(blocks, MICRO_BATCH, seed=3), optimizer,
+        train(model, build_objective("clm", tokenizer), BlockSampler([(blocks, 1.0)], MICRO_BATCH, seed=3), optimizer,
               settings, device=torch.device("cpu"), runtime=runtime, engine=engine, start_step=start,
               step_hooks=[crash], log_metrics=lambda step, metrics: losses.append(metrics["loss"]),
               save_state=lambda step: engine.save_state(args.states, step, tokenizer) if args.states else None)
