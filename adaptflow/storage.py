@@ -270,6 +270,24 @@ def list_directories(uri: str) -> list[str]:
     return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
 
 
+def is_directory(uri: str | os.PathLike) -> bool:
+    """True for a local directory, or an S3 URI ending in "/" (a prefix: S3 has no directories)."""
+    return str(uri).endswith("/") if is_s3(uri) else _local_path(uri).is_dir()
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under the directory or S3 prefix `uri`, recursively, as URIs of its kind, in name order
+    (hidden files, whose names start with "." or "_", left out)."""
+    fs, base = filesystem_for(str(uri).rstrip("/") if is_s3(uri) else uri)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise _translate(exc, str(uri), "directory") from exc
+    names = sorted(e.path[len(base):].lstrip("/") for e in entries if e.type == pafs.FileType.File)
+    names = [n for n in names if not any(part.startswith((".", "_")) for part in n.split("/"))]
+    return [join(uri, *name.split("/")) for name in names]
+
+
 def remove_directory(uri: str) -> None:
     fs, base = filesystem_for(uri)
     try:

@@ -28,7 +28,7 @@ from typing import Annotated, ClassVar
 from pydantic import Field, model_validator
 
 from adaptflow.config.base import CorpusName, Fraction, PositiveInt, Section
-from adaptflow.data.corpus import PreparedCorpus, load_texts, write_texts
+from adaptflow.data.corpus import PreparedCorpus, SeenDigests, load_texts, write_texts
 
 
 class NearDuplicatesConfig(Section):
@@ -378,15 +378,12 @@ def _failed_rule(text: str, config: CurateConfig) -> str | None:
 
 def _drop_exact_duplicates(docs: list[tuple[int, str]], log: _Log) -> list[tuple[int, str]]:
     log.start("exact_duplicate")
-    seen: set[str] = set()
     out = []
-    for index, text in docs:
-        key = text.strip()  # the same comparison as adaptflow.data.dedupe_exact
-        if key in seen:
-            log.count("exact_duplicate", text)
-        else:
-            seen.add(key)
+    for (index, text), new in zip(docs, SeenDigests().new([text for _, text in docs]), strict=True):
+        if new:  # the comparison of adaptflow.data.corpus.dedupe_exact (stripped text)
             out.append((index, text))
+        else:
+            log.count("exact_duplicate", text)
     return out
 
 

@@ -29,6 +29,7 @@ _SUFFIX_FORMATS = {
 }
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a dataset name: it becomes a directory name
 ROW_GROUP_BYTES = 1 << 20  # of a written split: what the token store shards by and readers stream
+CHUNK_BYTES = 16 << 20  # read at a time when a file is streamed
 
 
 def resolve_format(uri: str, format: str) -> str:
@@ -45,21 +46,37 @@ def resolve_format(uri: str, format: str) -> str:
     return _SUFFIX_FORMATS[suffix]
 
 
-def decode_lines(uri: str, data: bytes) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, line)`` from UTF-8 bytes, 1-based, without line terminators."""
-    offset = 0
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{uri} line {number}: not valid UTF-8 at byte offset {offset + exc.start} "
-                f"({exc.reason}); re-encode the file as UTF-8"
-            ) from exc
-        if number == 1:
-            line = line.removeprefix("\ufeff")
-        offset += len(raw) + 1
-        yield number, line.removesuffix("\r")
+def decode_lines(uri: str, data: bytes | None = None, *, what: str = "file") -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` of UTF-8 text, 1-based, without line terminators: from ``data``, or streamed
+    from ``uri`` a chunk at a time when ``data`` is None (never the whole file in memory)."""
+    offset = number = 0
+    with _stream(uri, data, what=what) as stream:
+        tail = b""
+        while chunk := stream.read(CHUNK_BYTES):
+            *lines, tail = (tail + chunk).split(b"\n")
+            for raw in lines:
+                number += 1
+                yield number, _decode(uri, raw, number, offset)
+                offset += len(raw) + 1
+        yield number + 1, _decode(uri, tail, number + 1, offset)
+
+
+def _decode(uri: str, raw: bytes, number: int, offset: int) -> str:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{uri} line {number}: not valid UTF-8 at byte offset {offset + exc.start} "
+            f"({exc.reason}); re-encode the file as UTF-8"
+        ) from exc
+    if number == 1:
+        line = line.removeprefix("\ufeff")
+    return line.removesuffix("\r")
+
+
+def _stream(uri: str, data: bytes | None, *, what: str = "file", random_access: bool = False):
+    return pa.BufferReader(data) if data is not None else storage.open_input(uri, what=what,
+                                                                             random_access=random_access)
 
 
 def text_field_fix(field: str) -> str:
@@ -68,15 +85,18 @@ def text_field_fix(field: str) -> str:
 
 def records(
     uri: str,
-    data: bytes,
+    data: bytes | None,
     fmt: str,
     fields: Sequence[str],
     *,
     optional: Sequence[str] = (),
     string_fields: Sequence[str] = (),
     fix: Callable[[str], str],
+    what: str = "file",
 ) -> Iterator[tuple[str, dict]]:
     """Yield ``(where, record)`` for each record of a file in format ``fmt``; ``where`` is "line N" or "row N".
+    ``data`` is the file's content, or None to stream it from ``uri`` (a chunk, CSV block or parquet batch at a
+    time: a file of any size).
 
     Each record holds every name in ``fields`` and those names in ``optional`` that the file has. A record
     (or file) lacking one of ``fields`` is a ``DataError`` that lists what is present and ends with
@@ -84,21 +104,22 @@ def records(
     parquet columns named in ``string_fields`` must have a string type.
     """
     if fmt == "txt":
-        for number, line in decode_lines(uri, data):
+        for number, line in decode_lines(uri, data, what=what):
             yield f"line {number}", {fields[0]: line}
     elif fmt == "jsonl":
-        yield from _jsonl_records(uri, data, fields, optional, fix)
+        yield from _jsonl_records(uri, data, fields, optional, fix, what)
     elif fmt == "csv":
-        yield from _csv_records(uri, data, fields, optional, fix)
+        yield from _csv_records(uri, data, fields, optional, fix, what)
     else:
-        yield from _parquet_records(uri, data, fields, optional, string_fields, fix)
+        yield from _parquet_records(uri, data, fields, optional, string_fields, fix, what)
 
 
 def _jsonl_records(
-    uri: str, data: bytes, fields: Sequence[str], optional: Sequence[str], fix: Callable[[str], str]
+    uri: str, data: bytes | None, fields: Sequence[str], optional: Sequence[str], fix: Callable[[str], str],
+    what: str = "file",
 ) -> Iterator[tuple[str, dict]]:
     wanted = list(dict.fromkeys([*fields, *optional]))
-    for number, line in decode_lines(uri, data):
+    for number, line in decode_lines(uri, data, what=what):
         if not line.strip():
             continue
         try:
@@ -123,46 +144,67 @@ def _jsonl_records(
 
 
 def _csv_records(
-    uri: str, data: bytes, fields: Sequence[str], optional: Sequence[str], fix: Callable[[str], str]
+    uri: str, data: bytes | None, fields: Sequence[str], optional: Sequence[str], fix: Callable[[str], str],
+    what: str = "file",
 ) -> Iterator[tuple[str, dict]]:
-    # Validate UTF-8 ourselves: pyarrow's error names neither line nor offset.
-    for _ in decode_lines(uri, data):
-        pass
-    if not data.strip():
+    # Validate UTF-8 ourselves first (a streamed pass): pyarrow's error names neither line nor offset.
+    if not any([line.strip() for _, line in decode_lines(uri, data, what=what)]):
         return
     wanted = list(dict.fromkeys([*fields, *optional]))
     # CSV has no types: keep every field read as a string, so a document like "1984" or a label like
     # "007" stays as written.
     try:
-        table = pacsv.read_csv(
-            pa.BufferReader(data),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types={field: pa.string() for field in wanted}),
-        )
+        with _stream(uri, data, what=what) as stream:
+            reader = pacsv.open_csv(
+                stream,
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(column_types={field: pa.string() for field in wanted}),
+            )
+            _require_columns(uri, reader.schema.names, fields, fix)
+            present = [field for field in wanted if field in reader.schema.names]
+            row = 0
+            for batch in reader:
+                for record in batch.select(present).to_pylist():
+                    row += 1
+                    yield f"row {row}", record
     except pa.ArrowException as exc:
         raise DataError(f"{uri}: malformed CSV ({exc}); check quoting and the column count of each row") from exc
-    _require_columns(uri, table.column_names, fields, fix)
-    present = [field for field in wanted if field in table.column_names]
-    for row, record in enumerate(table.select(present).to_pylist(), start=1):
-        yield f"row {row}", record
 
 
 def _parquet_records(
     uri: str,
-    data: bytes,
+    data: bytes | None,
     fields: Sequence[str],
     optional: Sequence[str],
     string_fields: Sequence[str],
     fix: Callable[[str], str],
+    what: str = "file",
 ) -> Iterator[tuple[str, dict]]:
-    table = parquet_table(uri, data, fields, optional=optional, fix=fix)
     string_types = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
-    for field in string_fields:
-        column_type = table.schema.field(field).type
-        if not any(is_string(column_type) for is_string in string_types):
-            raise DataError(f"{uri}: column {field!r} has type {column_type}, expected string ({fix(field)})")
-    for row, record in enumerate(table.to_pylist(), start=1):
-        yield f"row {row}", record
+    with _stream(uri, data, what=what, random_access=True) as source:
+        try:
+            parquet = pq.ParquetFile(source)
+            schema = parquet.schema_arrow
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(
+                f"{uri}: not a readable parquet file ({exc}); it may be truncated or corrupt, re-export it"
+            ) from exc
+        _require_columns(uri, schema.names, fields, fix)
+        for field in string_fields:
+            column_type = schema.field(field).type
+            if not any(is_string(column_type) for is_string in string_types):
+                raise DataError(f"{uri}: column {field!r} has type {column_type}, expected string ({fix(field)})")
+        wanted = list(dict.fromkeys([*fields, *(name for name in optional if name in schema.names)]))
+        row = 0
+        try:
+            for batch in parquet.iter_batches(columns=wanted):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield f"row {row}", record
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(
+                f"{uri}: not a readable parquet file ({exc}); it may be truncated or corrupt, re-export it"
+            ) from exc
 
 
 def parquet_table(

@@ -25,7 +25,7 @@ import os
 import socket
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from adaptflow import storage
-from adaptflow.data.corpus import digest_texts
+from adaptflow.data.corpus import digest_texts, iter_text_batches
 from adaptflow.errors import ConfigError, DataError
 from adaptflow.refs import DatasetRef, Record
 
@@ -97,16 +97,6 @@ def encode_documents(texts: list[str], tokenizer, objective: str) -> tuple[np.nd
     for j, token in enumerate(tail):
         ids[offsets[1:] - len(tail) + j] = token
     return ids, offsets
-
-
-def iter_text_batches(uri: str, *, first: int = 0, stop: int | None = None,
-                      rows: int = ENCODE_BATCH) -> Iterator[list[str]]:
-    """The texts of row groups [first, stop) of a prepared split, `rows` at a time: never the whole file."""
-    with storage.open_input(uri, what="dataset file", random_access=True) as source:
-        parquet = pq.ParquetFile(source)
-        groups = range(first, parquet.num_row_groups if stop is None else stop)
-        for batch in parquet.iter_batches(batch_size=rows, row_groups=list(groups), columns=["text"]):
-            yield batch.column(0).to_pylist()
 
 
 def verify_split(split: DatasetRef) -> None:

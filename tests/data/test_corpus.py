@@ -143,10 +143,26 @@ def test_missing_local_file(tmp_path):
     assert str(missing) in str(err.value) and "check the path" in str(err.value)
 
 
-def test_directory_instead_of_file(tmp_path):
-    (tmp_path / "dir.txt").mkdir()
-    with pytest.raises(DataError, match="is a directory"):
-        read_texts(tmp_path / "dir.txt")
+def test_a_folder_is_a_corpus_of_its_files_in_name_order(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.txt").write_text("one\ntwo\n", encoding="utf-8")
+    (folder / "b" / "c.jsonl").write_text('{"text": "three"}\n', encoding="utf-8")
+    (folder / ".hidden.txt").write_text("never\n", encoding="utf-8")
+    (folder / "_SUCCESS").write_text("", encoding="utf-8")
+    assert read_texts(folder) == ["one", "two", "three"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no files"):
+        read_texts(tmp_path / "empty")
+    (folder / "notes.md").write_text("x", encoding="utf-8")
+    with pytest.raises(DataError, match="notes.md"):
+        read_texts(folder)
+
+
+def test_an_s3_prefix_is_a_corpus_of_its_objects(s3_env, s3_client):
+    for key, body in (("corpus/part-0.txt", b"alpha\nbeta\n"), ("corpus/part-1.txt", b"gamma\n")):
+        s3_client.put_object(Bucket=s3_env, Key=key, Body=body)
+    assert read_texts(f"s3://{s3_env}/corpus/") == ["alpha", "beta", "gamma"]
 
 
 def test_missing_s3_key_and_bucket(s3_env):
@@ -432,3 +448,36 @@ def test_storage_helpers_round_trip(tmp_path, s3_env):
     assert storage.is_s3("S3://x/y") and not storage.is_s3("/tmp/s3://x")
     assert storage.filesystem_for(f"s3://{s3_env}/k")[1] == f"{s3_env}/k"
     assert storage.filesystem_for("relative/x")[1] == str(Path("relative/x").absolute())
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "parquet"])
+def test_a_streamed_preparation_equals_splitting_the_whole_list(tmp_path, monkeypatch, fmt):
+    """Read 64 bytes at a time and written in ~2 KB row groups, a real corpus comes out as the in-memory rule
+    would split it: the same documents in the same order (same digests), duplicates counted."""
+    from adaptflow.data import formats
+    from adaptflow.data.corpus import digest_texts, split_train_validation
+
+    texts = read_texts(DATA / "legal" / "unlabelled_bva_decisions" / "decisions.jsonl", max_rows=150)
+    texts = [t.replace("\n", " ") for t in texts]
+    texts = texts + texts[:20]  # 20 exact duplicates
+    source = tmp_path / f"corpus.{fmt}"
+    source.write_bytes(corpus_bytes(fmt, texts))
+    monkeypatch.setattr(formats, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(formats, "ROW_GROUP_BYTES", 2_000)
+    prepared = prepare_corpus(source, name="c", out_dir=tmp_path / "out", validation_fraction=0.2, seed=3)
+    train, validation = split_train_validation(dedupe_exact(texts)[0], 0.2, 3)
+    assert (prepared.train.digest, prepared.validation.digest) == (digest_texts(train), digest_texts(validation))
+    assert load_texts(prepared.train) == train and prepared.duplicates_removed == 20
+    assert pq.ParquetFile(prepared.train.uri).num_row_groups > 5
+
+
+def test_a_tiny_corpus_still_gets_one_validation_document_when_streamed(tmp_path):
+    from adaptflow.data.corpus import split_train_validation
+
+    source = tmp_path / "tiny.txt"
+    texts = ["alpha beta", "gamma delta", "epsilon zeta"]
+    source.write_text("\n".join(texts), encoding="utf-8")
+    prepared = prepare_corpus(source, name="t", out_dir=tmp_path / "out", validation_fraction=0.01, seed=0)
+    train, validation = split_train_validation(texts, 0.01, 0)
+    assert len(validation) == 1 and load_texts(prepared.validation) == validation
+    assert load_texts(prepared.train) == train

@@ -179,3 +179,45 @@ def test_an_input_without_a_trained_mlm_head_has_no_before(tmp_path, corpus):
     assert result.metrics["input_head_trained"] == 0.0 and "eval_perplexity_start" in result.metrics
     contribution = stage.contribution(config, result)
     assert contribution.before is None and contribution.gain is None
+
+
+def test_a_resumed_stage_reads_exactly_the_micro_batches_of_an_unbroken_run(tmp_path, corpus, monkeypatch):
+    """Killed mid-epoch at step 8 (last save at 5) with replay mixed in and documents isolated, the rerun reads
+    micro-batches 5.. again and nothing else: the batch digests and the final weights of an unbroken run."""
+    import hashlib
+
+    from adaptflow.data.blocks import BlockSampler
+
+    read: list[tuple[int, str]] = []
+    real = BlockSampler.__call__
+
+    def recording(self, index):
+        batch = real(self, index)
+        read.append((index, hashlib.sha256(batch.input_ids.numpy().tobytes() +
+                                           batch.documents.numpy().tobytes()).hexdigest()))
+        return batch
+
+    monkeypatch.setattr(BlockSampler, "__call__", recording)
+    base = base_model(tmp_path, corpus)
+    config = PretrainConfig(block_size=32, batch_size=8, max_steps=12, lr=3e-3, log_every=1, save_every=5,
+                            eval_every=0, grad_accum_steps=2, replay={"corpus": "general", "ratio": 0.25},
+                            packing={"isolate_documents": True})
+    inputs = stage.Inputs(base=base, train=corpus.train, validation=corpus.validation, replay=corpus.validation)
+
+    def env(work, log_metrics=None):
+        return StageEnv(work_dir=tmp_path / work, cache_dir=tmp_path / "cache", log_metrics=log_metrics)
+
+    unbroken = stage.run(config, inputs, env("unbroken")).checkpoint
+    expected, read[:] = list(read), []
+
+    def crash(step, metrics):
+        if step == 8:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(config, inputs, env("broken", crash))
+    before_crash, read[:] = list(read), []
+    resumed = stage.run(config, inputs, env("broken")).checkpoint
+    assert [i for i, _ in expected] == list(range(24)) and before_crash == expected[:16]
+    assert read == expected[10:], "the rerun starts at step 5's first micro-batch (10) and reads each once"
+    assert_same_weights(resumed, unbroken)
