@@ -202,10 +202,6 @@ class BlockSampler:
                 documents[rows] = batch.documents
         return PackedBatch(ids, documents)
 
-    def stream_shares(self, positions: int) -> list[int]:
-        """How many of the first `positions` positions each stream fills."""
-        stream, _ = interleave(np.arange(positions), self.weights)
-        return np.bincount(stream, minlength=len(self.streams)).tolist()
 
 
 def pack_texts(texts: list[str], tokenizer, objective: str, block_size: int, *, datasets_dir, store: TokenStore,

@@ -25,7 +25,6 @@ import os
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,9 +225,6 @@ class ShardCache:
             oldest.unlink(missing_ok=True)
 
 
-MapShards = Callable[[list[ShardTask]], list[dict]]
-
-
 class TokenStore:
     """Tokenised corpora under `root` (a local folder or an s3:// prefix), one folder per key.
     `cache_dir`: where copies of S3 shards go (default: a folder beside the system's temporary files)."""
@@ -277,13 +273,10 @@ class TokenStore:
                                    json.dumps(manifest, indent=1).encode())
         return StoredCorpus(self.folder(key), manifest, self.cache)
 
-    def build(self, split: DatasetRef, tokenizer, objective: str, *, map_shards: MapShards | None = None
-              ) -> StoredCorpus:
-        """The store of `split`, tokenising the shards not written yet. `map_shards` runs the shard tasks (a build
-        maps them as Prefect tasks); by default they run here one after another, each spread over the cores by the
-        tokenizer itself."""
+    def build(self, split: DatasetRef, tokenizer, objective: str) -> StoredCorpus:
+        """The store of `split`, tokenising here the shards not written yet, one after another (each spread over
+        the cores by the tokenizer itself; a build maps them as Prefect tasks instead: `plan`, then `commit`)."""
         key, tasks = self.plan(split, tokenizer, objective)
         if not tasks:
             return self.open(key)
-        shards = map_shards(tasks) if map_shards is not None else [tokenize_shard(t, tokenizer) for t in tasks]
-        return self.commit(key, split, tokenizer, objective, shards)
+        return self.commit(key, split, tokenizer, objective, [tokenize_shard(t, tokenizer) for t in tasks])
